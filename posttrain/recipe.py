@@ -1,0 +1,334 @@
+"""The recipe schema: the one contract between the YAML file, the DAG and the training job.
+
+Imports nothing from airflow, torch or ray: the DAG parser, the operators and the Ray workers all
+load it. Relative paths in a recipe are resolved against the recipe file's folder, so a recipe can
+sit next to its data.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IMPLEMENTED_PARADIGMS = ("sft",)
+IMPLEMENTED_PROVIDERS = ("local", "ray")
+EVAL_METRICS = ("eval_loss", "exact_match")
+SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
+_CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate. Each error is (field path, message); str() gives one
+    `source: field.path: message` line per error."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]):
+        self.source = source
+        self.errors = errors
+        super().__init__("\n".join(f"{source}: {loc}: {msg}" for loc, msg in errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(16, gt=0, le=1024)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class ModelConfig(_Strict):
+    base: str
+    tokenizer: str | None = None
+    lora: LoraConfig | None = None
+    components: dict[str, str] = Field(default_factory=dict)
+    pad_vocab_to_multiple_of: int = Field(64, ge=1, le=4096)
+
+    @field_validator("base", "tokenizer")
+    @classmethod
+    def _model_uri(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("s3://"):
+            raise ValueError("s3:// model locations are not supported yet; use a local path or hf://org/name")
+        return value
+
+    @field_validator("components")
+    @classmethod
+    def _dotted_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not re.fullmatch(r"[\w.]+:[\w.]+", path):
+                raise ValueError(f"component {name!r}: {path!r} is not an import path of the form 'package.module:Name'")
+        return value
+
+
+class PackingConfig(_Strict):
+    enabled: bool = True
+    mode: Literal["offline", "streaming"] = "offline"
+    overlong: Literal["truncate", "drop"] = "truncate"
+
+    @field_validator("mode")
+    @classmethod
+    def _implemented(cls, value: str) -> str:
+        if value == "streaming":
+            raise ValueError("packing mode 'streaming' is not implemented yet; implemented: offline")
+        return value
+
+
+class DataValidationConfig(_Strict):
+    min_rows: int = Field(100, ge=1)
+
+
+class DataConfig(_Strict):
+    format: Literal["chat", "preference", "prompt"] = "chat"
+    train: str
+    eval: str | None = None
+    max_seq_len: int = Field(2048, gt=0, le=1_048_576)
+    packing: PackingConfig = Field(default_factory=PackingConfig)
+    validation: DataValidationConfig = Field(default_factory=DataValidationConfig)
+
+
+class TrainingConfig(_Strict):
+    max_steps: int | None = Field(100, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2.0e-5, gt=0, le=1)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    sharding: Literal["auto", "ddp", "fsdp", "fsdp_tp"] = "auto"
+    tensor_parallel: int = Field(1, ge=1)
+    activation_checkpointing: Literal["auto"] | bool = "auto"
+    compile: bool = False
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainingConfig:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs")
+        if self.sharding == "fsdp_tp" or self.tensor_parallel > 1:
+            raise ValueError("tensor parallel (sharding: fsdp_tp, tensor_parallel > 1) is not implemented yet; "
+                             "use sharding: auto | ddp | fsdp")
+        return self
+
+
+class ComputeConfig(_Strict):
+    provider: Literal["local", "ray", "ec2"] = "local"
+    workers: int = Field(2, ge=1, le=4096)
+    gpus_per_worker: int = Field(0, ge=0, le=16)
+    cpus_per_worker: int = Field(1, ge=1)
+    ray_conn_id: str = "ray_default"
+    startup_timeout_s: int = Field(120, ge=10)
+
+    @field_validator("provider")
+    @classmethod
+    def _implemented(cls, value: str) -> str:
+        if value not in IMPLEMENTED_PROVIDERS:
+            raise ValueError(f"compute provider {value!r} is not implemented yet; implemented: "
+                             + ", ".join(IMPLEMENTED_PROVIDERS))
+        return value
+
+
+class EvaluationConfig(_Strict):
+    engine: Literal["vllm"] = "vllm"
+    max_new_tokens: int = Field(64, ge=1, le=32768)
+    max_samples: int = Field(64, ge=1)
+    metrics: list[Literal["eval_loss", "exact_match"]] = Field(
+        default_factory=lambda: ["eval_loss", "exact_match"], min_length=1)
+
+
+class PromotionConfig(_Strict):
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    min_improvement: float = Field(0.0, ge=0)
+
+
+class StorageConfig(_Strict):
+    root: str = "file:///tmp/posttrain"
+    conn_id: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else "file"
+        if scheme not in ("file", "s3"):
+            raise ValueError(f"storage scheme {scheme!r} is not supported; use file:// or s3://")
+        return value.rstrip("/")
+
+
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = None
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    paradigm: Literal["sft", "dpo", "kd", "grpo"] = "sft"
+    description: str = ""
+    schedule: str | None = None
+    trigger_on_assets: list[str] = Field(default_factory=list)
+    owner: str = "posttrain"
+    tags: list[str] = Field(default_factory=list)
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("paradigm")
+    @classmethod
+    def _implemented(cls, value: str) -> str:
+        if value not in IMPLEMENTED_PARADIGMS:
+            raise ValueError(f"paradigm {value!r} is not implemented yet; implemented: " + ", ".join(IMPLEMENTED_PARADIGMS))
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is None or value in SCHEDULE_PRESETS:
+            return value
+        fields = value.split()
+        if len(fields) not in (5, 6) or not all(_CRON_FIELD.match(f) for f in fields):
+            raise ValueError(f"{value!r} is neither a cron expression nor one of " + ", ".join(SCHEDULE_PRESETS))
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self, info: Any) -> Recipe:
+        if self.schedule is not None and self.trigger_on_assets:
+            raise ValueError("schedule and trigger_on_assets are exclusive: a DAG runs on a timetable or on assets")
+        if self.paradigm == "sft" and self.data.format != "chat":
+            raise ValueError(f"paradigm 'sft' needs data.format 'chat', got {self.data.format!r}")
+        if self.promotion.metric not in self.evaluation.metrics:
+            raise ValueError(f"promotion.metric {self.promotion.metric!r} is not produced by evaluation; "
+                             f"evaluation.metrics is {self.evaluation.metrics}")
+        base_dir = (info.context or {}).get("base_dir") if info is not None else None
+        if base_dir is not None:
+            self.model.base = resolve_uri(self.model.base, base_dir)
+            if self.model.tokenizer:
+                self.model.tokenizer = resolve_uri(self.model.tokenizer, base_dir)
+            self.data.train = resolve_uri(self.data.train, base_dir)
+            if self.data.eval:
+                self.data.eval = resolve_uri(self.data.eval, base_dir)
+            self.storage.root = resolve_uri(self.storage.root, base_dir)
+        return self
+
+    @property
+    def dag_id(self) -> str:
+        return f"posttrain__{self.name}"
+
+    @property
+    def tokenizer_uri(self) -> str:
+        return self.model.tokenizer or self.model.base
+
+    @property
+    def champion_uri(self) -> str:
+        return f"{self.storage.root}/{self.name}/champion.json"
+
+
+def resolve_uri(value: str, base_dir: str | Path) -> str:
+    """A path without a scheme is taken relative to `base_dir` and becomes a file:// URI."""
+    if "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir) / path
+    return "file://" + str(path.resolve())
+
+
+def local_path(uri: str) -> Path:
+    """The filesystem path of a file:// URI (or a plain path)."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" in uri:
+        raise ValueError(f"{uri} is not a local path")
+    return Path(uri)
+
+
+def _errors(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(recipe)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "literal_error" and "expected" in (err.get("ctx") or {}):
+            msg = f"{err['input']!r} is not allowed; allowed: {err['ctx']['expected']}"
+        out.append((loc, msg))
+    return out
+
+
+def parse_recipe(data: Any, source: str = "<recipe>", base_dir: str | Path | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(source, [("(recipe)", f"expected a mapping at the top level, got {type(data).__name__}")])
+    try:
+        return Recipe.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise RecipeError(source, _errors(exc)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every problem is reported as `file: field.path: message`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(str(path), [("(file)", str(exc))]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(yaml)"
+        raise RecipeError(str(path), [(where, str(getattr(exc, "problem", exc)))]) from None
+    return parse_recipe(data, str(path), base_dir=path.resolve().parent)
+
+
+# Run-time overrides a user may set from the Airflow UI: name -> (field path, JSON schema).
+# Anything else in a run's conf is refused, so a manual trigger can't change e.g. storage or compute.
+OVERRIDES: dict[str, tuple[str, dict[str, Any]]] = {
+    "learning_rate": ("training.learning_rate", {"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+    "max_steps": ("training.max_steps", {"type": "integer", "minimum": 1, "maximum": 10_000_000}),
+    "seed": ("training.seed", {"type": "integer", "minimum": 0}),
+    "train_data": ("data.train", {"type": "string", "minLength": 1}),
+    "eval_data": ("data.eval", {"type": ["string", "null"]}),
+    "min_improvement": ("promotion.min_improvement", {"type": "number", "minimum": 0}),
+}
+
+
+def override_defaults(recipe: Recipe) -> dict[str, Any]:
+    """The current value of every overridable field (the UI form's defaults)."""
+    dumped = recipe.model_dump(mode="json")
+    out = {}
+    for name, (path, _) in OVERRIDES.items():
+        node: Any = dumped
+        for part in path.split("."):
+            node = node[part]
+        out[name] = node
+    return out
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any], source: str = "<run conf>") -> Recipe:
+    """A new recipe with `overrides` applied and the whole schema checked again."""
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise RecipeError(source, [(f"params.{k}", "cannot be overridden at run time; allowed: "
+                                    + ", ".join(OVERRIDES)) for k in unknown])
+    data = recipe.model_dump(mode="json")
+    for name, value in overrides.items():
+        node = data
+        *parents, leaf = OVERRIDES[name][0].split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    # Relative override paths are taken from the current working directory of the task.
+    return parse_recipe(data, source, base_dir=Path.cwd())

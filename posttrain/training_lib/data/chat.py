@@ -1,0 +1,72 @@
+"""Chat rendering with the model's own template, and the loss mask over assistant tokens.
+
+Most real chat templates carry no `{% generation %}` markers, so the assistant spans are found by
+rendering growing prefixes of the conversation: the text an assistant turn adds is what lies
+between the render of the turns before it (with the generation prompt) and the render including
+it. That only works when rendering is append-only; a template that rewrites earlier turns is
+refused rather than trained on wrong tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+class TemplateError(ValueError):
+    """The chat template makes assistant masks impossible to derive."""
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    assistant_mask: list[bool]  # True where the token is part of an assistant reply (trains)
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the [start, end) character spans of every assistant reply,
+    each including the end-of-turn marker but not the whitespace after it."""
+    full = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise TemplateError(
+                "the chat template does not render conversations append-only (it rewrites or drops earlier "
+                f"turns when later ones are added; first seen at message {i}), so assistant tokens cannot be "
+                "located; give the template {% generation %} markers or use a template that keeps turns")
+        start, end = len(before), len(upto.rstrip())
+        content = message["content"].strip()
+        if content and content not in full[start:end]:
+            raise TemplateError(f"the chat template does not reproduce assistant message {i} verbatim")
+        spans.append((start, end))
+    return full, spans
+
+
+def tokenize_chat(tokenizer: Any, messages: list[dict]) -> Tokenized:
+    """Token ids of the rendered conversation and which of them belong to assistant replies."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = []
+    span_iter = iter(spans)
+    current = next(span_iter, None)
+    for start, _end in enc["offset_mapping"]:
+        while current is not None and start >= current[1]:
+            current = next(span_iter, None)
+        mask.append(current is not None and current[0] <= start < current[1])
+    return Tokenized(input_ids=list(enc["input_ids"]), assistant_mask=mask)
+
+
+def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
+    """Split a conversation before its last assistant turn: (prompt messages, reference reply)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]

@@ -1,0 +1,62 @@
+"""Packed blocks from the prepared Parquet shards, split across data-parallel ranks.
+
+Every rank sees the same number of batches per epoch (the epoch's order is trimmed to a multiple
+of world_size × micro_batch_size, wrapping around when the data is smaller than that), because an
+uneven count would leave one rank waiting in a collective forever. The position (epoch, batch) is
+all a resume needs: the order of an epoch is a pure function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def read_blocks(workspace: Path, split: str) -> dict[str, torch.Tensor]:
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    tables = [pq.read_table(workspace / shard) for shard in manifest["splits"][split]["shards"]]
+    out = {}
+    for column in ("input_ids", "labels", "position_ids"):
+        rows = [row for t in tables for row in t.column(column).to_pylist()]
+        out[column] = torch.tensor(rows, dtype=torch.long)
+    return out
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch already consumed by this rank
+
+
+class PackedLoader:
+    def __init__(self, blocks: dict[str, torch.Tensor], rank: int, world_size: int, micro_batch_size: int,
+                 seed: int, state: LoaderState | None = None):
+        self.blocks = blocks
+        self.rank, self.world_size, self.mbs, self.seed = rank, world_size, micro_batch_size, seed
+        self.state = state or LoaderState()
+        self.num_blocks = blocks["input_ids"].shape[0]
+        if self.num_blocks == 0:
+            raise ValueError("the prepared split holds no blocks")
+        per_step = world_size * micro_batch_size
+        self.batches_per_epoch = max(1, self.num_blocks // per_step)
+
+    def _epoch_indices(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_blocks, generator=g)
+        need = self.batches_per_epoch * self.world_size * self.mbs
+        if need > self.num_blocks:
+            order = order.repeat(-(-need // self.num_blocks))
+        mine = order[:need].view(self.batches_per_epoch, self.world_size, self.mbs)[:, self.rank]
+        return mine
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.state.batch >= self.batches_per_epoch:
+            self.state = LoaderState(epoch=self.state.epoch + 1, batch=0)
+        idx = self._epoch_indices(self.state.epoch)[self.state.batch]
+        self.state.batch += 1
+        return {k: v[idx] for k, v in self.blocks.items()}

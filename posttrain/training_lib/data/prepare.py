@@ -1,0 +1,122 @@
+"""The prepare stage: raw chat JSONL → tokenized, masked, packed Parquet shards + manifest.json.
+
+Runs wherever the Airflow task runs (no GPU needed) and writes under `<workspace>/data/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from posttrain.recipe import Recipe, local_path
+from posttrain.training_lib.data.chat import tokenize_chat
+from posttrain.training_lib.data.packing import Block, pack
+
+BLOCKS_PER_SHARD = 1024
+
+
+def read_jsonl(uri: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for every non-empty line."""
+    with local_path(uri).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                yield lineno, json.loads(line)
+
+
+def load_tokenizer(uri: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(local_path(uri)) if "://" not in uri or uri.startswith("file://")
+                                         else uri.removeprefix("hf://"))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What decides how text becomes ids: vocabulary, chat template, special tokens."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update((tokenizer.chat_template or "").encode())
+    h.update(json.dumps(sorted(tokenizer.all_special_tokens)).encode())
+    return h.hexdigest()[:16]
+
+
+def write_blocks(blocks: list[Block], out_dir: Path, split: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = []
+    for start in range(0, max(len(blocks), 1), BLOCKS_PER_SHARD):
+        chunk = blocks[start:start + BLOCKS_PER_SHARD]
+        table = pa.table({
+            "input_ids": pa.array([b.input_ids for b in chunk], type=pa.list_(pa.int32())),
+            "labels": pa.array([b.labels for b in chunk], type=pa.list_(pa.int32())),
+            "position_ids": pa.array([b.position_ids for b in chunk], type=pa.list_(pa.int32())),
+            "doc_lens": pa.array([b.doc_lens for b in chunk], type=pa.list_(pa.int32())),
+        })
+        name = f"{split}-{start // BLOCKS_PER_SHARD:05d}.parquet"
+        pq.write_table(table, out_dir / name)
+        names.append(f"data/{name}")
+    return names
+
+
+def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split: str) -> dict:
+    max_len = recipe.data.max_seq_len
+    docs, rows, truncated, dropped, no_target = [], 0, 0, 0, 0
+    for _lineno, row in read_jsonl(uri):
+        rows += 1
+        tok = tokenize_chat(tokenizer, row["messages"])
+        ids, mask = tok.input_ids, tok.assistant_mask
+        if len(ids) > max_len:
+            if recipe.data.packing.overlong == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+            ids, mask = ids[:max_len], mask[:max_len]
+        if not any(mask[1:]):
+            no_target += 1  # truncation cut every assistant token: nothing to learn from
+            continue
+        docs.append((ids, mask))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    blocks = pack(docs, max_len, pad_id, enabled=recipe.data.packing.enabled)
+    tokens = sum(len(ids) for ids, _ in docs)
+    return {
+        "rows": rows,
+        "documents": len(docs),
+        "tokens": tokens,
+        "assistant_tokens": sum(sum(m[1:]) for _, m in docs),
+        "blocks": len(blocks),
+        "fill_ratio": round(tokens / (len(blocks) * max_len), 4) if blocks else 0.0,
+        "truncated": truncated,
+        "dropped_overlong": dropped,
+        "dropped_no_target": no_target,
+        "shards": write_blocks(blocks, out_dir, split),
+    }
+
+
+def prepare(recipe: Recipe, workspace: Path) -> dict:
+    """Tokenize, mask and pack the recipe's splits into workspace/data; return the manifest."""
+    tokenizer = load_tokenizer(recipe.tokenizer_uri)
+    out_dir = workspace / "data"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = {"train": recipe.data.train}
+    if recipe.data.eval:
+        splits["eval"] = recipe.data.eval
+    manifest = {
+        "format": recipe.data.format,
+        "max_seq_len": recipe.data.max_seq_len,
+        "packing": recipe.data.packing.model_dump(),
+        "tokenizer": {
+            "uri": recipe.tokenizer_uri,
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        "splits": {name: prepare_split(tokenizer, uri, recipe, out_dir, name) for name, uri in splits.items()},
+    }
+    tmp = out_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.rename(out_dir / "manifest.json")
+    return manifest

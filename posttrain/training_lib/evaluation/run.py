@@ -1,0 +1,46 @@
+"""The evaluate stage: eval loss (teacher-forced) and vLLM generation metrics for the export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from posttrain.recipe import Recipe
+
+
+def check_tokenizer(model_dir: Path, workspace: Path) -> None:
+    """Refuse a model whose tokenizer differs from the one the data was prepared with."""
+    from transformers import AutoTokenizer
+
+    from posttrain.training_lib.data.prepare import tokenizer_fingerprint
+
+    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    expected = manifest["tokenizer"]["fingerprint"]
+    actual = tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir))
+    if actual != expected:
+        raise RuntimeError(f"tokenizer of {model_dir} has fingerprint {actual}, the data was prepared with "
+                           f"{expected}: training and evaluation would tokenize differently")
+
+
+def run(recipe: Recipe, workspace: Path) -> dict:
+    from posttrain.training_lib.evaluation.generate import generate_and_score
+    from posttrain.training_lib.evaluation.loss import eval_loss
+
+    if not recipe.data.eval:
+        raise RuntimeError(f"recipe {recipe.name}: data.eval is not set, there is nothing to evaluate on")
+    model_dir = workspace / "model"
+    check_tokenizer(model_dir, workspace)
+    metrics: dict = {}
+    if "eval_loss" in recipe.evaluation.metrics:
+        metrics.update(eval_loss(model_dir, workspace))
+    gen_metrics, samples = generate_and_score(recipe, model_dir)
+    if "exact_match" in recipe.evaluation.metrics:
+        metrics.update(gen_metrics)
+    out = workspace / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "samples.jsonl").open("w") as fh:
+        for sample in samples:
+            fh.write(json.dumps(sample) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print("eval metrics: " + json.dumps(metrics), flush=True)
+    return metrics

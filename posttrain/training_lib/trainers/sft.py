@@ -1,0 +1,129 @@
+"""Supervised fine-tuning: Ray Train's TorchTrainer runs `train_loop` on every worker.
+
+The loop, top to bottom: set LR → micro-steps (loss over assistant tokens, normalised by the
+step's global target-token count) → clip → step → zero_grad → log → maybe checkpoint. It resumes
+from the newest complete checkpoint in the workspace, so a retried Airflow task or a restarted
+Ray worker continues where training stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from posttrain.recipe import Recipe
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from posttrain.training_lib import checkpoint
+    from posttrain.training_lib.data.loader import PackedLoader, read_blocks
+    from posttrain.training_lib.export import export
+    from posttrain.training_lib.losses.cross_entropy import packed_forward, summed_cross_entropy
+    from posttrain.training_lib.metrics import StepLogger
+    from posttrain.training_lib.models.loading import load_for_training
+    from posttrain.training_lib.parallel.parallelize import parallelize
+    from posttrain.training_lib.parallel.plan import make_plan
+    from posttrain.training_lib.schedule import learning_rate
+
+    recipe = Recipe.model_validate(config["recipe"])
+    workspace = Path(config["workspace"])
+    t = recipe.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = "cuda" if torch.cuda.is_available() and recipe.compute.gpus_per_worker > 0 else "cpu"
+    plan = make_plan(recipe, world, device)
+    torch.manual_seed(t.seed)
+
+    blocks = read_blocks(workspace, "train")
+    loader = PackedLoader(blocks, rank, world, t.micro_batch_size, t.seed)
+    max_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum)
+
+    model = load_for_training(recipe).to(device)
+    mesh = init_device_mesh(device, (world,))
+    model = parallelize(model, plan, mesh)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+    ckpt_root = workspace / "checkpoints"
+    step = 0
+    if (latest := checkpoint.latest_checkpoint(ckpt_root)) is not None:
+        step, loader.state = checkpoint.load(latest, model, optimizer, rank)
+        if rank == 0:
+            print(f"resumed from {latest} at step {step}", flush=True)
+    if rank == 0:
+        print(f"plan: {json.dumps(plan.as_dict())}; {sum(p.numel() for p in trainable)} trainable parameters "
+              f"on {world} workers; {loader.num_blocks} blocks of {blocks['input_ids'].shape[1]} tokens", flush=True)
+    logger = StepLogger(workspace / "train" / "metrics.jsonl", enabled=rank == 0, total_steps=max_steps)
+
+    model.train()
+    while step < max_steps:
+        step += 1
+        lr = learning_rate(step, t.learning_rate, max_steps, t.warmup_steps, t.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [{k: v.to(device) for k, v in loader.next_batch().items()} for _ in range(t.grad_accum)]
+        targets = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=device)
+        dist.all_reduce(targets)  # global number of target tokens in this step
+        loss_sum = torch.zeros((), device=device)
+        for batch in micro:
+            loss = summed_cross_entropy(packed_forward(model, batch), batch["labels"])
+            # Gradients are averaged over ranks by the data-parallel reduction, hence × world.
+            (loss * world / targets.clamp(min=1)).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum)
+        tokens = int(sum(b["input_ids"].numel() for b in micro)) * world
+        if step % t.log_every == 0 or step == max_steps:
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            logger.log(step, float(loss_sum / targets.clamp(min=1)), lr, float(grad_norm), tokens)
+        if step % t.checkpoint_every == 0 or step == max_steps:
+            checkpoint.save(ckpt_root, step, model, optimizer, loader.state, rank, t.keep_checkpoints)
+
+    model_dir = export(model, recipe, workspace, rank)
+    if rank == 0:
+        (workspace / "train" / "summary.json").write_text(json.dumps(
+            summarize(workspace, model_dir, plan.as_dict(), max_steps), indent=2))
+    dist.barrier()
+
+
+def summarize(workspace: Path, model_dir: Path | None, plan: dict, max_steps: int) -> dict:
+    from posttrain.training_lib.metrics import read_metrics
+
+    rows = read_metrics(workspace / "train" / "metrics.jsonl")
+    return {
+        "steps": max_steps,
+        "first_loss": rows[0]["loss"] if rows else None,
+        "last_loss": rows[-1]["loss"] if rows else None,
+        "tokens": sum(r["tokens"] for r in rows),
+        "mean_tokens_per_s": round(sum(r["tokens_per_s"] or 0 for r in rows) / len(rows), 1) if rows else None,
+        "model_dir": str(model_dir) if model_dir else None,
+        "plan": plan,
+    }
+
+
+def run(recipe: Recipe, workspace: Path) -> dict:
+    """The Ray job driver: fit on the cluster this job runs in."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    c = recipe.compute
+    use_gpu = c.gpus_per_worker > 0
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"recipe": recipe.model_dump(mode="json"), "workspace": str(workspace)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=c.workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if use_gpu else {})}),
+        run_config=RunConfig(name="train", storage_path=str(workspace / "ray_train"),
+                             failure_config=FailureConfig(max_failures=2)),
+    )
+    trainer.fit()
+    return json.loads((workspace / "train" / "summary.json").read_text())

@@ -1,0 +1,51 @@
+"""Run workspaces and promoted models through Airflow's ObjectStoragePath: file:// by default,
+s3:// (or any fsspec scheme) with the recipe's storage connection."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from airflow.sdk import BaseHook, ObjectStoragePath
+
+
+class StorageHook(BaseHook):
+    def __init__(self, conn_id: str | None = None):
+        super().__init__()
+        self.conn_id = conn_id
+
+    def path(self, uri: str) -> ObjectStoragePath:
+        return ObjectStoragePath(uri, conn_id=self.conn_id) if self.conn_id else ObjectStoragePath(uri)
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.path(uri).read_text())
+
+    def exists(self, uri: str) -> bool:
+        return self.path(uri).exists()
+
+    def write_json_atomic(self, uri: str, data: Any) -> None:
+        """Readers see the old file or the new one, never half of one: write aside, then rename."""
+        target = self.path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(uri + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.rename(target)
+
+    def copy_tree(self, src_uri: str, dst_uri: str) -> int:
+        """Copy every file under src to dst (across schemes); returns the number of files."""
+        src, dst = self.path(src_uri), self.path(dst_uri)
+        count = 0
+        for item in src.rglob("*"):
+            if item.is_file():
+                target = dst / str(item.relative_to(src))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with item.open("rb") as fin, target.open("wb") as fout:
+                    while chunk := fin.read(8 << 20):
+                        fout.write(chunk)
+                count += 1
+        return count
+
+    def remove_tree(self, uri: str) -> None:
+        path = self.path(uri)
+        if path.exists():
+            path.fs.rm(path.path, recursive=True)

@@ -1,0 +1,38 @@
+"""What every posttrain operator shares: the run workspace and the recipe resolved into it."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from posttrain.hooks.storage import StorageHook
+from posttrain.recipe import Recipe, local_path
+
+
+class PosttrainOperator(BaseOperator):
+    """Base of the stage operators. `workspace` is the run workspace URI (templated; the DAG
+    passes the resolve_recipe task's output)."""
+
+    template_fields: tuple[str, ...] = ("workspace",)
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, workspace: str, storage_conn_id: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.workspace = workspace
+        self.storage_conn_id = storage_conn_id
+
+    @cached_property
+    def storage(self) -> StorageHook:
+        return StorageHook(self.storage_conn_id)
+
+    def load_recipe(self) -> Recipe:
+        return Recipe.model_validate(self.storage.read_json(f"{self.workspace}/recipe.json"))
+
+    def local_workspace(self) -> Path:
+        """Stages that run in this process on local files need a file:// workspace for now."""
+        if "://" in self.workspace and not self.workspace.startswith("file://"):
+            raise ValueError(f"{self.task_id} needs a file:// workspace for now, got {self.workspace}")
+        return local_path(self.workspace)

@@ -1,0 +1,19 @@
+"""prepare_data: tokenize with the model's chat template, mask to assistant tokens, pack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.operators.base import PosttrainOperator
+
+
+class PrepareDataOperator(PosttrainOperator):
+    def execute(self, context: Any) -> dict[str, Any]:
+        from posttrain.training_lib.data.prepare import prepare
+
+        manifest = prepare(self.load_recipe(), self.local_workspace())
+        stats = {split: {k: s[k] for k in ("rows", "tokens", "blocks", "fill_ratio", "truncated")}
+                 for split, s in manifest["splits"].items()}
+        self.log.info("prepared: %s", stats)
+        return {"manifest": f"{self.workspace}/data/manifest.json", "splits": stats,
+                "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"]}

@@ -1,0 +1,37 @@
+"""The first task of every recipe DAG: merge the run's parameters into the recipe, check the result
+against the schema, and write it to the run workspace, where every later task reads it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from posttrain.hooks.storage import StorageHook
+from posttrain.paths import run_workspace
+from posttrain.recipe import OVERRIDES, apply_overrides, load_recipe, override_defaults
+
+
+class ResolveRecipeOperator(BaseOperator):
+    template_fields = ("recipe_path",)
+    ui_color = "#fef7e0"
+
+    def __init__(self, *, recipe_path: str, storage_conn_id: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.recipe_path = recipe_path
+        self.storage_conn_id = storage_conn_id
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        recipe = load_recipe(self.recipe_path)
+        conf = dict(context["dag_run"].conf or {})
+        params = {k: v for k, v in context["params"].items() if k in OVERRIDES}
+        # Keys in the run conf that are no parameter of this DAG are refused by apply_overrides.
+        requested = {**params, **{k: v for k, v in conf.items() if k not in OVERRIDES}}
+        defaults = override_defaults(recipe)
+        changed = {k: v for k, v in requested.items() if k not in defaults or v != defaults[k]}
+        resolved = apply_overrides(recipe, changed, source=f"{self.recipe_path} (run parameters)")
+        workspace = run_workspace(resolved.storage.root, resolved.name, context["run_id"])
+        StorageHook(self.storage_conn_id).write_json_atomic(f"{workspace}/recipe.json", resolved.model_dump(mode="json"))
+        self.log.info("run workspace %s; overrides %s", workspace, changed or "none")
+        context["ti"].xcom_push(key="workspace", value=workspace)  # what every later task reads
+        return {"workspace": workspace, "overrides": changed}

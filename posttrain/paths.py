@@ -1,0 +1,36 @@
+"""Where posttrain keeps what it generates on this machine (Ray temp, Airflow home, caches).
+
+`POSTTRAIN_HOME` if set, else `.posttrain/` under the current directory: the demo and the tests
+set it to an ignored folder of the repo so nothing lands in $HOME or /tmp.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+
+def posttrain_home() -> Path:
+    return Path(os.environ.get("POSTTRAIN_HOME") or Path.cwd() / ".posttrain").resolve()
+
+
+def safe_name(value: str) -> str:
+    """A run id (e.g. 'manual__2026-11-25T21:00:00+00:00') as a path segment."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("_")
+
+
+def run_workspace(storage_root: str, recipe_name: str, run_id: str) -> str:
+    return f"{storage_root}/{recipe_name}/runs/{safe_name(run_id)}"
+
+
+def cache_env() -> dict[str, str]:
+    """Cache locations for libraries that default to $HOME or /tmp, under posttrain_home()."""
+    cache = posttrain_home() / "cache"
+    return {
+        "HF_HOME": str(cache / "huggingface"),
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "XDG_CACHE_HOME": str(cache),
+    }

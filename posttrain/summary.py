@@ -1,0 +1,53 @@
+"""What `posttrain run` prints after a run: task states and the numbers a user looks at first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from posttrain.paths import run_workspace
+from posttrain.recipe import Recipe, local_path
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_summary(recipe: Recipe, run_id: str, task_states: dict[str, str], run_state: str) -> str:
+    workspace = local_path(run_workspace(recipe.storage.root, recipe.name, run_id))
+    lines = [f"{recipe.dag_id}  run {run_id}: {run_state}", f"  workspace {workspace}", "  tasks:"]
+    lines += [f"    {task:<22} {state}" for task, state in task_states.items()]
+    if manifest := _read(workspace / "data" / "manifest.json"):
+        for split, s in manifest["splits"].items():
+            lines.append(f"  data/{split}: {s['rows']} rows, {s['tokens']} tokens → {s['blocks']} blocks of "
+                         f"{manifest['max_seq_len']} (fill {s['fill_ratio']:.1%}, {s['truncated']} truncated)")
+    if train := _read(workspace / "train" / "summary.json"):
+        lines.append(f"  train: {train['steps']} steps, loss {train['first_loss']:.4f} → {train['last_loss']:.4f}")
+    if metrics := _read(workspace / "eval" / "metrics.json"):
+        lines.append("  eval: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in metrics.items()))
+    if decision := _read(workspace / "promotion" / "decision.json"):
+        verdict = f"promoted as {decision['version']}" if decision["promoted"] else "kept the champion"
+        lines.append(f"  promotion: {verdict}: {decision['reason']}")
+    if champion := _read(local_path(recipe.champion_uri)) if recipe.champion_uri.startswith("file://") else None:
+        lines.append(f"  champion: {champion['version']} ({champion['metric']} {champion['value']:.4f}) "
+                     f"at {champion['model_uri']}")
+    return "\n".join(lines)
+
+
+def print_summary(recipe: Recipe, dag_run: Any) -> int:
+    """Print the summary of a finished dag.test() run; 0 if the run succeeded."""
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_run.dag_id,
+                                                         TaskInstance.run_id == dag_run.run_id)).all()
+        order = {t: i for i, t in enumerate(["resolve_recipe", "validate_data", "prepare_data", "ray_cluster",
+                                             "train", "evaluate", "promote", "ray_cluster_teardown"])}
+        states = {ti.task_id: str(ti.state) for ti in sorted(tis, key=lambda t: order.get(t.task_id, 99))}
+    state = str(dag_run.state)
+    print("\n" + run_summary(recipe, dag_run.run_id, states, state), flush=True)
+    return 0 if state == "success" else 1

@@ -209,6 +209,8 @@ class Recipe(_Strict):
             raise ValueError("schedule and trigger_on_assets are exclusive: a DAG runs on a timetable or on assets")
         if self.paradigm == "sft" and self.data.format != "chat":
             raise ValueError(f"paradigm 'sft' needs data.format 'chat', got {self.data.format!r}")
+        if not self.data.eval:
+            raise ValueError("data.eval is required: evaluation and promotion compare models on an eval split")
         if self.promotion.metric not in self.evaluation.metrics:
             raise ValueError(f"promotion.metric {self.promotion.metric!r} is not produced by evaluation; "
                              f"evaluation.metrics is {self.evaluation.metrics}")

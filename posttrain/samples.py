@@ -40,7 +40,8 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
 def _count(rng: random.Random) -> tuple[str, str]:
     word = rng.choice(WORDS)
     n = rng.randint(1, 10)
-    return f"How many times does the word appear: {' '.join([word] * n)}", f"The word {word} appears {NUMBER_WORDS[n]} times."
+    question = f"How many times does the word appear: {' '.join([word] * n)}"
+    return question, f"The word {word} appears {NUMBER_WORDS[n]} times."
 
 
 def _capital(rng: random.Random) -> tuple[str, str]:

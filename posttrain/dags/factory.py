@@ -43,7 +43,6 @@ def build_dag(recipe: Recipe, recipe_path: str | Path) -> DAG:
         start_date=datetime(2024, 1, 1),
         catchup=False,
         max_active_runs=1,
-        params=recipe_params(recipe),
         tags=["posttrain", recipe.paradigm, *recipe.tags],
         default_args={"owner": recipe.owner},
         doc_md=f"Generated from `{recipe_path}`.",
@@ -65,6 +64,10 @@ def build_dag(recipe: Recipe, recipe_path: str | Path) -> DAG:
         validate >> prepare >> cluster >> train >> evaluate >> [promote, teardown]
         # A teardown that fails (a head left running) fails the run, so nobody misses a leak.
         teardown.as_teardown(setups=cluster, on_failure_fail_dagrun=True)
+    # Params are attached after the tasks exist: every operator would otherwise deep-copy them at
+    # construction (most of the DAG's parse time), and at run time Airflow merges the DAG's params
+    # into each task's context anyway.
+    dag.params.update(recipe_params(recipe))
     return dag
 
 

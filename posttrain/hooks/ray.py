@@ -128,8 +128,9 @@ def _free_port() -> int:
 class LocalRayCluster:
     """A Ray head on 127.0.0.1 started with `ray start --head`, stopped by its own temp dir."""
 
-    # Unix socket paths under the temp dir may not exceed 107 bytes; Ray adds about 65.
-    MAX_TEMP_DIR = 40
+    # Unix socket paths may not exceed 107 bytes; Ray adds up to 65 under the temp dir
+    # ("/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store").
+    MAX_TEMP_DIR = 42
 
     @staticmethod
     def temp_dir(cluster_id: str) -> Path:
@@ -141,7 +142,7 @@ class LocalRayCluster:
 
     @classmethod
     def start(cls, num_cpus: int, timeout: float = 120.0) -> dict[str, Any]:
-        cluster_id = uuid.uuid4().hex[:8]
+        cluster_id = uuid.uuid4().hex[:6]
         temp_dir = cls.temp_dir(cluster_id)
         temp_dir.mkdir(parents=True, exist_ok=True)
         # Token auth on, with a token of this cluster's own (not ~/.ray/auth_token).

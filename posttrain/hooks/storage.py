@@ -37,7 +37,8 @@ class StorageHook(BaseHook):
         count = 0
         for item in src.rglob("*"):
             if item.is_file():
-                target = dst / str(item.relative_to(src))
+                # Relative part by string: object-store paths have no relative_to() across schemes.
+                target = dst / item.path[len(src.path):].lstrip("/")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with item.open("rb") as fin, target.open("wb") as fout:
                     while chunk := fin.read(8 << 20):

@@ -8,7 +8,7 @@ DAGs scheduled on it don't run for nothing.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowSkipException
@@ -52,7 +52,7 @@ class PromoteOperator(PosttrainOperator):
             files = self.storage.copy_tree(f"{self.workspace}/model", target)
             record = {"version": version, "model_uri": target, "metric": p.metric, "value": value,
                       "mode": p.mode, "run_id": context["run_id"], "dag_id": context["ti"].dag_id,
-                      "workspace": self.workspace, "promoted_at": datetime.now(timezone.utc).isoformat(),
+                      "workspace": self.workspace, "promoted_at": datetime.now(UTC).isoformat(),
                       "previous_version": champion["version"] if champion else None}
             self.storage.write_json_atomic(champion_uri, record)
             decision.update(version=version, model_uri=target, files=files)

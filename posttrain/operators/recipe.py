@@ -31,7 +31,8 @@ class ResolveRecipeOperator(BaseOperator):
         changed = {k: v for k, v in requested.items() if k not in defaults or v != defaults[k]}
         resolved = apply_overrides(recipe, changed, source=f"{self.recipe_path} (run parameters)")
         workspace = run_workspace(resolved.storage.root, resolved.name, context["run_id"])
-        StorageHook(self.storage_conn_id).write_json_atomic(f"{workspace}/recipe.json", resolved.model_dump(mode="json"))
+        storage = StorageHook(self.storage_conn_id)
+        storage.write_json_atomic(f"{workspace}/recipe.json", resolved.model_dump(mode="json"))
         self.log.info("run workspace %s; overrides %s", workspace, changed or "none")
         context["ti"].xcom_push(key="workspace", value=workspace)  # what every later task reads
         return {"workspace": workspace, "overrides": changed}

@@ -75,7 +75,8 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, r
     meta = json.loads((path / "train_state.json").read_text())
     if meta["world_size"] != dist.get_world_size():
         raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
-                           f"{dist.get_world_size()}; resuming with a different data-parallel size is not supported yet")
+                           f"{dist.get_world_size()}; resuming with a different data-parallel size is not "
+                           "supported yet")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))

@@ -35,7 +35,8 @@ def summary(report: dict[str, Any]) -> str:
         for rule in rep["rules"]:
             if not rule["success"]:
                 where = f" e.g. line(s) {', '.join(map(str, rule['example_lines']))}" if rule["example_lines"] else ""
-                count = f" ({rule['unexpected_count']} failing)" if rule["unexpected_count"] else f" (rows: {rep['rows']})"
+                count = (f" ({rule['unexpected_count']} failing)" if rule["unexpected_count"]
+                         else f" (rows: {rep['rows']})")
                 lines.append(f"{rep['source']} ({split}): rule '{rule['rule']}' failed{count}{where}")
     return "\n".join(lines)
 

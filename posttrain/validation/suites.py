@@ -44,7 +44,6 @@ def _chat_rules(min_rows: int) -> list[tuple[str, str, Any]]:
 
 def run_chat_suite(frames: ChatFrames, min_rows: int, name: str) -> list[RuleResult]:
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")

@@ -1,0 +1,120 @@
+"""Promotion: champion/challenger decisions, a pointer that only ever names a complete copy, and
+the same code on S3 (moto's server on loopback) through ObjectStoragePath."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.operators.promote import decide
+from posttrain.recipe import load_recipe, local_path
+from tests.conftest import run_dag_file, task_states, write_recipe
+
+
+@pytest.mark.parametrize(("value", "champion", "mode", "margin", "promote"), [
+    (1.0, None, "min", 0.0, True),
+    (0.9, 1.0, "min", 0.0, True),
+    (1.0, 1.0, "min", 0.0, False),
+    (0.95, 1.0, "min", 0.1, False),
+    (0.85, 1.0, "min", 0.1, True),
+    (0.6, 0.5, "max", 0.0, True),
+    (0.4, 0.5, "max", 0.0, False),
+])
+def test_decision(value, champion, mode, margin, promote) -> None:
+    record = None if champion is None else {"value": champion, "version": "v1"}
+    assert decide(value, record, mode, margin, "m")[0] is promote
+
+
+def promote_dag(dag_id: str, workspace: str, conn_id: str | None) -> str:
+    return ("from datetime import datetime\nfrom airflow.sdk import DAG\n"
+            "from posttrain.operators.promote import PromoteOperator\n"
+            f"with DAG({dag_id!r}, schedule=None, start_date=datetime(2024, 1, 1)) as dag:\n"
+            f"    PromoteOperator(task_id='promote', workspace={workspace!r}, storage_conn_id={conn_id!r})\n")
+
+
+def fake_run_workspace(recipe_path: Path, workspace: Path, eval_loss: float) -> None:
+    """What train and evaluate leave behind, for promote to act on."""
+    recipe = load_recipe(recipe_path)
+    (workspace / "eval").mkdir(parents=True, exist_ok=True)
+    (workspace / "model").mkdir(exist_ok=True)
+    (workspace / "recipe.json").write_text(recipe.model_dump_json())
+    (workspace / "eval" / "metrics.json").write_text(json.dumps({"eval_loss": eval_loss, "exact_match": 0.0}))
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        (workspace / "model" / name).write_text(f"{name} of the model with loss {eval_loss}")
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_champion_pointer_is_replaced_atomically(tmp_path: Path, monkeypatch) -> None:
+    recipe_path = write_recipe(tmp_path, name="promo")
+    recipe = load_recipe(recipe_path)
+    workspace = tmp_path / "ws"
+    champion_file = local_path(recipe.champion_uri)
+
+    fake_run_workspace(recipe_path, workspace, 2.0)
+    first = run_dag_file(promote_dag("promote_file", f"file://{workspace}", None), "promote_file")
+    assert task_states(first)["promote"] == "success"
+    champion = json.loads(champion_file.read_text())
+    promoted = local_path(champion["model_uri"])
+    assert sorted(p.name for p in promoted.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert champion["value"] == 2.0 and champion["previous_version"] is None
+
+    # A worse challenger: skipped (no asset event), pointer untouched, reason recorded.
+    fake_run_workspace(recipe_path, workspace, 2.5)
+    second = run_dag_file(promote_dag("promote_file", f"file://{workspace}", None), "promote_file")
+    assert task_states(second)["promote"] == "skipped"
+    assert json.loads(champion_file.read_text()) == champion
+    decision = json.loads((workspace / "promotion" / "decision.json").read_text())
+    assert decision["promoted"] is False and "is not lower than champion" in decision["reason"]
+
+    # A better challenger whose copy dies half way: the pointer still names the complete old copy.
+    from posttrain.hooks.storage import StorageHook
+
+    real_copy = StorageHook.copy_tree
+
+    def copy_then_die(self, src, dst):
+        real_copy(self, src, dst)
+        raise OSError("disk full while copying the model")
+
+    monkeypatch.setattr(StorageHook, "copy_tree", copy_then_die)
+    fake_run_workspace(recipe_path, workspace, 1.0)
+    third = run_dag_file(promote_dag("promote_file", f"file://{workspace}", None), "promote_file")
+    assert task_states(third)["promote"] == "failed"
+    assert json.loads(champion_file.read_text()) == champion
+    assert not any(p.name.endswith(".tmp") for p in champion_file.parent.iterdir())
+    monkeypatch.setattr(StorageHook, "copy_tree", real_copy)
+
+    # Retried, it completes and the pointer moves to the new version.
+    fourth = run_dag_file(promote_dag("promote_file", f"file://{workspace}", None), "promote_file")
+    assert task_states(fourth)["promote"] == "success"
+    new = json.loads(champion_file.read_text())
+    assert new["value"] == 1.0 and new["previous_version"] == champion["version"]
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_promotion_on_s3_through_moto(tmp_path: Path, moto_server: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="models")
+    recipe_path = write_recipe(tmp_path, name="s3-promo",
+                               storage={"root": "s3://models/posttrain", "conn_id": "aws_moto"})
+    local_ws = tmp_path / "ws"
+    fake_run_workspace(recipe_path, local_ws, 1.5)
+    prefix = "posttrain/s3-promo/runs/r1"
+    for path in local_ws.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), "models", f"{prefix}/{path.relative_to(local_ws)}")
+
+    run = run_dag_file(promote_dag("promote_s3", f"s3://models/{prefix}", "aws_moto"), "promote_s3")
+    assert task_states(run)["promote"] == "success"
+    champion = json.loads(s3.get_object(Bucket="models", Key="posttrain/s3-promo/champion.json")["Body"].read())
+    assert champion["model_uri"].startswith("s3://models/posttrain/s3-promo/promoted/")
+    key_prefix = champion["model_uri"].removeprefix("s3://models/") + "/"
+    objects = s3.list_objects_v2(Bucket="models", Prefix=key_prefix)["Contents"]
+    keys = sorted(o["Key"].removeprefix(key_prefix) for o in objects)
+    assert keys == ["config.json", "model.safetensors", "tokenizer.json"]
+    listing = s3.list_objects_v2(Bucket="models", Prefix="posttrain/s3-promo/")["Contents"]
+    assert not any(o["Key"].endswith(".tmp") for o in listing)

@@ -1,0 +1,84 @@
+"""The Ray job path on a real local head: loopback only, jobs watched by the trigger with their
+log lines, failures carrying the job's error, and a stop that leaves no process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from posttrain.hooks.ray import LocalRayCluster, RayJobHook
+from posttrain.triggers.ray import RayJobTrigger
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, Any]]:
+    info = LocalRayCluster.start(num_cpus=2)
+    try:
+        yield info
+    finally:
+        LocalRayCluster.stop(info)
+    assert LocalRayCluster.processes(info) == []
+
+
+def run_trigger(trigger: RayJobTrigger) -> dict[str, Any]:
+    async def first_event() -> dict[str, Any]:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("the trigger ended without an event")
+
+    return asyncio.run(asyncio.wait_for(first_event(), timeout=120))
+
+
+def test_head_listens_on_loopback_only(cluster: dict[str, Any]) -> None:
+    listening = set()
+    for proc in LocalRayCluster.processes(cluster):
+        try:
+            listening |= {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            continue
+    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+
+
+def test_job_succeeds_and_the_trigger_streams_its_log(cluster: dict[str, Any], capfd) -> None:
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    job = hook.submit_job(f"{cluster['python']} -c \"print('hello from the job'); import ray; ray.init(); "
+                          "print('cpus', ray.cluster_resources()['CPU'])\"", "ok-job")
+    trigger = RayJobTrigger(job_id=job, address=cluster["dashboard_url"], token_file=cluster["token_file"],
+                            poll_interval=0.5)
+    event = run_trigger(trigger)
+    assert event["status"] == "SUCCEEDED"
+    assert "hello from the job" in event["log_tail"]
+    out = capfd.readouterr()
+    assert f"[ray job {job}] hello from the job" in out.out + out.err  # streamed into the task log
+
+
+def test_failed_job_reports_its_error(cluster: dict[str, Any]) -> None:
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    job = hook.submit_job(f"{cluster['python']} -c \"raise SystemExit('training exploded at step 3')\"", "bad-job")
+    event = run_trigger(RayJobTrigger(job_id=job, address=cluster["dashboard_url"],
+                                      token_file=cluster["token_file"], poll_interval=0.5))
+    assert event["status"] == "FAILED"
+    assert "training exploded at step 3" in event["log_tail"]
+
+
+def test_jobs_api_refuses_requests_without_the_cluster_token(cluster: dict[str, Any]) -> None:
+    from posttrain.hooks.ray import RayJobError
+
+    with pytest.raises(RayJobError, match="HTTP 401"):
+        RayJobHook(address=cluster["dashboard_url"]).submit_job("echo hi", "no-token")
+
+
+@pytest.mark.parametrize("trigger", [
+    RayJobTrigger(job_id="j1", address="http://127.0.0.1:8265", token_file="/x/token", poll_interval=3.0),
+    RayJobTrigger(job_id="j2", ray_conn_id="ray_prod"),
+])
+def test_trigger_serialization_round_trips(trigger: RayJobTrigger) -> None:
+    path, kwargs = trigger.serialize()
+    module, _, name = path.rpartition(".")
+    again = getattr(importlib.import_module(module), name)(**kwargs)
+    assert again.serialize() == (path, kwargs)

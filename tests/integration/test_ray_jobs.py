@@ -82,3 +82,18 @@ def test_trigger_serialization_round_trips(trigger: RayJobTrigger) -> None:
     module, _, name = path.rpartition(".")
     again = getattr(importlib.import_module(module), name)(**kwargs)
     assert again.serialize() == (path, kwargs)
+
+
+def test_existing_cluster_through_a_ray_connection(cluster: dict[str, Any], monkeypatch) -> None:
+    """`compute.provider: ray`: the address and token come from an Airflow connection."""
+    import json
+    from pathlib import Path
+
+    token = Path(cluster["token_file"]).read_text()
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_EXISTING", json.dumps(
+        {"conn_type": "ray", "host": cluster["dashboard_url"], "password": token}))
+    hook = RayJobHook(ray_conn_id="ray_existing")
+    hook.wait_ready(timeout=10)
+    job = hook.submit_job(f"{cluster['python']} -c \"print('via connection')\"", "conn-job")
+    event = run_trigger(RayJobTrigger(job_id=job, ray_conn_id="ray_existing", poll_interval=0.5))
+    assert event["status"] == "SUCCEEDED" and "via connection" in event["log_tail"]

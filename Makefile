@@ -33,7 +33,7 @@ tiny-model: $(STAMP)
 	$(BIN)/posttrain tiny-model $(TINY)
 
 demo: tiny-model
-	$(BIN)/posttrain run dags/recipes/tiny-sft.yaml
+	$(BIN)/posttrain run dags/recipes/tiny-sft.yaml $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check posttrain tests benchmarks dags

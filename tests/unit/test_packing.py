@@ -40,14 +40,18 @@ def test_blocks_restart_positions_and_labels_stay_inside_documents() -> None:
     assert shifted_labels([1, 2], [True, True]) == [2, IGNORE]
 
 
-def test_packed_loss_equals_documents_run_one_by_one(tiny_model) -> None:
+@pytest.mark.parametrize("backend", ["posttrain_docs", "sdpa"])
+def test_packed_loss_equals_documents_run_one_by_one(tiny_model, backend: str) -> None:
     """The document mask is real: the loss of a packed block equals the token-weighted sum of
-    the losses of its documents run alone (float32, 1e-5)."""
+    the losses of its documents run alone (float32, 1e-5), for our per-document attention and for
+    transformers' block-diagonal SDPA mask."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.training_lib.losses.cross_entropy import packed_forward, summed_cross_entropy
+    from posttrain.training_lib.models.attention import register
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=backend).eval()
     g = torch.Generator().manual_seed(0)
     docs = []
     for n in (37, 64, 19, 80):
@@ -64,3 +68,19 @@ def test_packed_loss_equals_documents_run_one_by_one(tiny_model) -> None:
             separate += summed_cross_entropy(packed_forward(model, single), single["labels"])
     n_targets = int((as_tensors["labels"] != IGNORE).sum())
     assert abs(packed.item() - separate.item()) / n_targets < 1e-5
+
+
+def test_backend_that_cannot_isolate_documents_is_an_error(tiny_model) -> None:
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from posttrain.training_lib.losses.cross_entropy import packed_forward
+    from posttrain.training_lib.models.attention import DocumentMaskError, document_attention
+
+    # Same kernel under another name: nothing vouches that it respects document boundaries.
+    AttentionInterface.register("unvetted", document_attention)
+    AttentionMaskInterface.register("unvetted", lambda *a, **k: None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="unvetted")
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "position_ids": torch.tensor([[0, 1, 0]])}
+    with pytest.raises(DocumentMaskError, match="cannot keep packed documents apart"):
+        packed_forward(model, batch)

@@ -14,7 +14,9 @@ from posttrain.training_lib.losses.cross_entropy import packed_forward, summed_c
 def eval_loss(model_dir: Path, workspace: Path, batch_size: int = 4) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from posttrain.training_lib.models.attention import register
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=register()).eval()
     blocks = read_blocks(workspace, "eval")
     total, count = 0.0, 0
     for start in range(0, blocks["input_ids"].shape[0], batch_size):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.training_lib.data.packing import IGNORE
+from posttrain.training_lib.models.attention import check_isolates_documents
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -16,6 +17,8 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 
 def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of packed blocks. No attention_mask on purpose: given restarting position_ids and no
-    mask, transformers builds a block-diagonal causal mask, so documents never see each other."""
+    """Logits of packed blocks. No attention_mask on purpose: the documents are found from the
+    restarting position_ids (per-document attention, or the block-diagonal mask transformers builds),
+    so they never see each other; a backend that can't do that is refused."""
+    check_isolates_documents(model)
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits

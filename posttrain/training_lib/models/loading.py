@@ -37,7 +37,10 @@ def apply_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
 def load_for_training(recipe: Recipe, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_location(recipe.model.base), dtype=dtype)
+    from posttrain.training_lib.models.attention import register
+
+    model = AutoModelForCausalLM.from_pretrained(model_location(recipe.model.base), dtype=dtype,
+                                                 attn_implementation=register())
     pad_vocab(model, recipe.model.pad_vocab_to_multiple_of)
     model.config.use_cache = False
     if recipe.model.lora is not None:

@@ -83,6 +83,9 @@ class PackingConfig(_Strict):
 
 class DataValidationConfig(_Strict):
     min_rows: int = Field(100, ge=1)
+    max_duplicate_fraction: float = Field(0.05, ge=0, le=1)
+    allowed_roles: list[Literal["system", "user", "assistant"]] = Field(
+        default_factory=lambda: ["system", "user", "assistant"], min_length=1)
 
 
 class DataConfig(_Strict):
@@ -90,6 +93,7 @@ class DataConfig(_Strict):
     train: str
     eval: str | None = None
     max_seq_len: int = Field(2048, gt=0, le=1_048_576)
+    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
     packing: PackingConfig = Field(default_factory=PackingConfig)
     validation: DataValidationConfig = Field(default_factory=DataValidationConfig)
 

@@ -11,7 +11,8 @@ class PrepareDataOperator(PosttrainOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from posttrain.training_lib.data.prepare import prepare
 
-        manifest = prepare(self.load_recipe(), self.local_workspace())
+        manifest = prepare(self.load_recipe(), self.local_workspace(),
+                           open_binary=lambda uri: self.storage.path(uri).open("rb"))
         stats = {split: {k: s[k] for k in ("rows", "tokens", "blocks", "fill_ratio", "truncated")}
                  for split, s in manifest["splits"].items()}
         self.log.info("prepared: %s", stats)

@@ -19,5 +19,6 @@ def validate_recipe_data(recipe: Recipe, open_lines: Callable[[str], Iterable[by
         frames = chat_frames(open_lines(uri))
         # The row minimum applies to training data; an eval set is judged on its rows' shape only.
         min_rows = recipe.data.validation.min_rows if split == "train" else 1
-        reports[split] = split_report(uri, frames, run_chat_suite(frames, min_rows, f"{recipe.name}-{split}"))
+        results = run_chat_suite(frames, recipe.data.validation, min_rows, f"{recipe.name}-{split}")
+        reports[split] = split_report(uri, frames, results)
     return {"recipe": recipe.name, "splits": reports, "success": all(r["success"] for r in reports.values())}

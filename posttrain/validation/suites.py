@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.training_lib.data.chat import ROLES
+from posttrain.recipe import DataValidationConfig
 from posttrain.validation.frames import ChatFrames
 
 
@@ -22,7 +22,7 @@ class RuleResult:
     example_lines: list[int]
 
 
-def _chat_rules(min_rows: int) -> list[tuple[str, str, Any]]:
+def _chat_rules(rules: DataValidationConfig, min_rows: int) -> list[tuple[str, str, Any]]:
     import great_expectations as gx
 
     e = gx.expectations
@@ -33,8 +33,13 @@ def _chat_rules(min_rows: int) -> list[tuple[str, str, Any]]:
          e.ExpectColumnValuesToBeInSet(column="messages_is_list", value_set=[True])),
         ("last turn is from the assistant", "conversations",
          e.ExpectColumnValuesToBeInSet(column="last_role", value_set=["assistant"])),
-        ("roles are system, user or assistant", "turns",
-         e.ExpectColumnValuesToBeInSet(column="role", value_set=list(ROLES))),
+        ("turns alternate user/assistant after an optional system prompt", "conversations",
+         e.ExpectColumnValuesToBeInSet(column="role_order_ok", value_set=[True])),
+        ("duplicate conversations within max_duplicate_fraction", "conversations",
+         e.ExpectColumnProportionOfUniqueValuesToBeBetween(column="fingerprint",
+                                                           min_value=1.0 - rules.max_duplicate_fraction)),
+        (f"roles are {', '.join(rules.allowed_roles)}", "turns",
+         e.ExpectColumnValuesToBeInSet(column="role", value_set=list(rules.allowed_roles))),
         ("content is a string", "turns",
          e.ExpectColumnValuesToBeInSet(column="content_is_str", value_set=[True])),
         ("content is not empty", "turns",
@@ -42,7 +47,8 @@ def _chat_rules(min_rows: int) -> list[tuple[str, str, Any]]:
     ]
 
 
-def run_chat_suite(frames: ChatFrames, min_rows: int, name: str) -> list[RuleResult]:
+def run_chat_suite(frames: ChatFrames, rules_config: DataValidationConfig, min_rows: int,
+                   name: str) -> list[RuleResult]:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -53,7 +59,7 @@ def run_chat_suite(frames: ChatFrames, min_rows: int, name: str) -> list[RuleRes
     tables = {"conversations": frames.conversations, "turns": frames.turns}
     batches = {t: source.add_dataframe_asset(t).add_batch_definition_whole_dataframe(t) for t in tables}
     suites = {t: context.suites.add(gx.ExpectationSuite(name=f"{name}-{t}")) for t in tables}
-    rules = _chat_rules(min_rows)
+    rules = _chat_rules(rules_config, min_rows)
     for _rule, table, expectation in rules:
         suites[table].add_expectation(expectation)
     for table, df in tables.items():
@@ -71,6 +77,10 @@ def run_chat_suite(frames: ChatFrames, min_rows: int, name: str) -> list[RuleRes
             r = by_type[(expectation.expectation_type, getattr(expectation, "column", None))]
             index_list = r.result.get("unexpected_index_list") or []
             lines = sorted({int(row["line"]) for row in index_list if isinstance(row, dict) and "line" in row})
+            if rule_table == "conversations" and getattr(expectation, "column", None) == "fingerprint":
+                # Uniqueness is a table-level figure; name the repeated rows for the report.
+                df = tables[table]
+                lines = sorted(int(x) for x in df.loc[df["fingerprint"].duplicated(), "line"])
             results.append(RuleResult(rule=rule, table=table, success=bool(r.success),
                                       unexpected_count=int(r.result.get("unexpected_count") or 0),
                                       example_lines=lines[:10]))

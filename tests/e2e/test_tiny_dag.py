@@ -41,6 +41,9 @@ def test_tiny_sft_end_to_end_champion_then_challenger(tmp_path: Path, tiny_model
     assert metrics["eval_loss"] > 0 and 0.0 <= metrics["exact_match"] <= 1.0 and metrics["generated_samples"] == 8
     samples = [json.loads(line) for line in (ws / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all(isinstance(s["generated"], str) for s in samples)
+    # The vocabulary is padded past the tokenizer (500 → 512): padding rows are never sampled.
+    vocab = manifest["tokenizer"]["size"]
+    assert vocab == 500 and all(t < vocab for s in samples for t in s["generated_token_ids"])
 
     champion = json.loads(local_path(recipe.champion_uri).read_text())
     assert champion["version"] in str(ws) and champion["value"] == metrics["eval_loss"]

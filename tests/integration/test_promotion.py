@@ -10,7 +10,7 @@ import pytest
 
 from posttrain.operators.promote import decide
 from posttrain.recipe import load_recipe, local_path
-from tests.conftest import run_dag_file, task_states, write_recipe
+from tests.conftest import SAMPLE_DATA, run_dag_file, task_states, workspace_of, write_recipe
 
 
 @pytest.mark.parametrize(("value", "champion", "mode", "margin", "promote"), [
@@ -118,3 +118,36 @@ def test_promotion_on_s3_through_moto(tmp_path: Path, moto_server: str) -> None:
     assert keys == ["config.json", "model.safetensors", "tokenizer.json"]
     listing = s3.list_objects_v2(Bucket="models", Prefix="posttrain/s3-promo/")["Contents"]
     assert not any(o["Key"].endswith(".tmp") for o in listing)
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_training_data_on_s3_is_validated_and_prepared(tmp_path: Path, moto_server: str) -> None:
+    """Data read from s3:// through the recipe's connection, streamed, by the same code as file://."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="etl")
+    for split in ("train", "eval"):
+        s3.upload_file(str(SAMPLE_DATA / f"{split}.jsonl"), "etl", f"chat/{split}.jsonl")
+    recipe = write_recipe(tmp_path, name="s3-data", data={"train": "s3://etl/chat/train.jsonl",
+                                                          "eval": "s3://etl/chat/eval.jsonl"},
+                          storage={"root": str(tmp_path / "storage"), "conn_id": "aws_moto"})
+    source = (
+        "from datetime import datetime\nfrom airflow.sdk import DAG\n"
+        "from posttrain.operators.recipe import ResolveRecipeOperator\n"
+        "from posttrain.operators.validate import ValidateDataOperator\n"
+        "from posttrain.operators.prepare import PrepareDataOperator\n"
+        "with DAG('s3_data', schedule=None, start_date=datetime(2024, 1, 1)) as dag:\n"
+        "    c = 'aws_moto'\n"
+        f"    r = ResolveRecipeOperator(task_id='resolve_recipe', recipe_path={str(recipe)!r}, storage_conn_id=c)\n"
+        "    v = ValidateDataOperator(task_id='validate_data', workspace=r.output['workspace'], storage_conn_id=c)\n"
+        "    p = PrepareDataOperator(task_id='prepare_data', workspace=r.output['workspace'], storage_conn_id=c)\n"
+        "    v >> p\n")
+    run = run_dag_file(source, "s3_data")
+    assert set(task_states(run).values()) == {"success"}
+    ws = workspace_of(recipe, run)
+    report = json.loads((ws / "validation" / "report.json").read_text())
+    assert report["splits"]["train"]["rows"] == 400 and report["success"]
+    manifest = json.loads((ws / "data" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] == 400 and manifest["splits"]["eval"]["rows"] == 64

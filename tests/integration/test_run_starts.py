@@ -82,8 +82,8 @@ def test_overrides_reach_the_workspace_and_bad_data_fails_validation(tmp_path: P
     assert not report["splits"]["train"]["success"] and report["splits"]["eval"]["success"]
     failed = {r["rule"]: r["example_lines"] for r in report["splits"]["train"]["rules"] if not r["success"]}
     assert failed == {"at least min_rows conversations": [], "last turn is from the assistant": [1],
-                      "roles are system, user or assistant": [2], "content is not empty": [2]}
+                      "roles are system, user, assistant": [2], "content is not empty": [2]}
     assert "FAIL" in (workspace / "validation" / "report.html").read_text()
     out = capfd.readouterr()
-    assert "rule 'roles are system, user or assistant' failed (1 failing) e.g. line(s) 2" in out.out + out.err
+    assert "rule 'roles are system, user, assistant' failed (1 failing) e.g. line(s) 2" in out.out + out.err
     assert not (workspace / "cluster.json").exists()

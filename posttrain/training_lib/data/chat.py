@@ -9,10 +9,12 @@ refused rather than trained on wrong tokens.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class TemplateError(ValueError):
@@ -52,18 +54,44 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
     return full, spans
 
 
-def tokenize_chat(tokenizer: Any, messages: list[dict]) -> Tokenized:
-    """Token ids of the rendered conversation and which of them belong to assistant replies."""
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = []
-    span_iter = iter(spans)
-    current = next(span_iter, None)
-    for start, _end in enc["offset_mapping"]:
-        while current is not None and start >= current[1]:
-            current = next(span_iter, None)
-        mask.append(current is not None and current[0] <= start < current[1])
-    return Tokenized(input_ids=list(enc["input_ids"]), assistant_mask=mask)
+def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """A token trains if it overlaps an assistant span (a token that merges the last character
+    before a reply with its first one still carries reply text)."""
+    mask, j = [], 0
+    for start, end in offsets:
+        while j < len(spans) and start >= spans[j][1]:
+            j += 1
+        mask.append(j < len(spans) and start < spans[j][1] and end > spans[j][0])
+    return mask
+
+
+def _marker_mask(tokenizer: Any, messages: list[dict]) -> Tokenized:
+    """Templates with {% generation %} markers say themselves which tokens are the assistant's."""
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    return Tokenized(input_ids=list(enc["input_ids"]), assistant_mask=[bool(m) for m in enc["assistant_masks"]])
+
+
+def _keep_last_turn(tok: Tokenized) -> Tokenized:
+    """Only the last contiguous run of assistant tokens trains."""
+    mask = list(tok.assistant_mask)
+    end = max((i for i, m in enumerate(mask) if m), default=-1)
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return Tokenized(tok.input_ids, [start <= i <= end for i in range(len(mask))])
+
+
+def tokenize_chat(tokenizer: Any, messages: list[dict], last_turn_only: bool = False) -> Tokenized:
+    """Token ids of the rendered conversation and which of them belong to assistant replies
+    (every reply, or only the last one)."""
+    if _GENERATION_MARKER.search(tokenizer.chat_template or ""):
+        tok = _marker_mask(tokenizer, messages)
+    else:
+        text, spans = assistant_spans(tokenizer, messages)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tok = Tokenized(input_ids=list(enc["input_ids"]), assistant_mask=_mask_from_spans(enc["offset_mapping"], spans))
+    return _keep_last_turn(tok) if last_turn_only else tok
 
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:

@@ -5,41 +5,32 @@ Runs wherever the Airflow task runs (no GPU needed) and writes under `<workspace
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from posttrain.recipe import Recipe, local_path
+import fsspec
+
+from posttrain.recipe import Recipe
 from posttrain.training_lib.data.chat import tokenize_chat
 from posttrain.training_lib.data.packing import Block, pack
+from posttrain.training_lib.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
 
 BLOCKS_PER_SHARD = 1024
 
 
-def read_jsonl(uri: str) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for every non-empty line."""
-    with local_path(uri).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                yield lineno, json.loads(line)
-
-
-def load_tokenizer(uri: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(local_path(uri)) if "://" not in uri or uri.startswith("file://")
-                                         else uri.removeprefix("hf://"))
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """What decides how text becomes ids: vocabulary, chat template, special tokens."""
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update((tokenizer.chat_template or "").encode())
-    h.update(json.dumps(sorted(tokenizer.all_special_tokens)).encode())
-    return h.hexdigest()[:16]
+def read_jsonl(uri: str, open_binary: Opener | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for every non-empty line, streamed from any fsspec URL (or `open_binary`,
+    which the Airflow task gives to reach storage through its connection)."""
+    opener = open_binary or (lambda u: fsspec.open(u, "rb"))
+    with opener(uri) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if raw.strip():
+                yield lineno, json.loads(raw)
 
 
 def write_blocks(blocks: list[Block], out_dir: Path, split: str) -> list[str]:
@@ -61,12 +52,13 @@ def write_blocks(blocks: list[Block], out_dir: Path, split: str) -> list[str]:
     return names
 
 
-def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split: str) -> dict:
+def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split: str,
+                  open_binary: Opener | None = None) -> dict:
     max_len = recipe.data.max_seq_len
     docs, rows, truncated, dropped, no_target = [], 0, 0, 0, 0
-    for _lineno, row in read_jsonl(uri):
+    for _lineno, row in read_jsonl(uri, open_binary):
         rows += 1
-        tok = tokenize_chat(tokenizer, row["messages"])
+        tok = tokenize_chat(tokenizer, row["messages"], last_turn_only=recipe.data.train_on == "last_assistant_turn")
         ids, mask = tok.input_ids, tok.assistant_mask
         if len(ids) > max_len:
             if recipe.data.packing.overlong == "drop":
@@ -95,7 +87,7 @@ def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split
     }
 
 
-def prepare(recipe: Recipe, workspace: Path) -> dict:
+def prepare(recipe: Recipe, workspace: Path, open_binary: Opener | None = None) -> dict:
     """Tokenize, mask and pack the recipe's splits into workspace/data; return the manifest."""
     tokenizer = load_tokenizer(recipe.tokenizer_uri)
     out_dir = workspace / "data"
@@ -114,7 +106,8 @@ def prepare(recipe: Recipe, workspace: Path) -> dict:
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         },
-        "splits": {name: prepare_split(tokenizer, uri, recipe, out_dir, name) for name, uri in splits.items()},
+        "splits": {name: prepare_split(tokenizer, uri, recipe, out_dir, name, open_binary)
+                   for name, uri in splits.items()},
     }
     tmp = out_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))

@@ -44,5 +44,6 @@ def generate_and_score(recipe: Recipe, model_dir: Path) -> tuple[dict, list[dict
         text = out.outputs[0].text.strip()
         match = text == reference.strip()
         exact += match
-        samples.append({"prompt": msgs, "reference": reference, "generated": text, "exact_match": match})
+        samples.append({"prompt": msgs, "reference": reference, "generated": text, "exact_match": match,
+                        "generated_token_ids": list(out.outputs[0].token_ids)})
     return {"exact_match": exact / len(rows), "generated_samples": len(rows)}, samples

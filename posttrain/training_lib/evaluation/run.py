@@ -8,28 +8,15 @@ from pathlib import Path
 from posttrain.recipe import Recipe
 
 
-def check_tokenizer(model_dir: Path, workspace: Path) -> None:
-    """Refuse a model whose tokenizer differs from the one the data was prepared with."""
-    from transformers import AutoTokenizer
-
-    from posttrain.training_lib.data.prepare import tokenizer_fingerprint
-
-    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
-    expected = manifest["tokenizer"]["fingerprint"]
-    actual = tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir))
-    if actual != expected:
-        raise RuntimeError(f"tokenizer of {model_dir} has fingerprint {actual}, the data was prepared with "
-                           f"{expected}: training and evaluation would tokenize differently")
-
-
 def run(recipe: Recipe, workspace: Path) -> dict:
+    from posttrain.training_lib.data.tokenizer import require_same_tokenizer
     from posttrain.training_lib.evaluation.generate import generate_and_score
     from posttrain.training_lib.evaluation.loss import eval_loss
 
     if not recipe.data.eval:
         raise RuntimeError(f"recipe {recipe.name}: data.eval is not set, there is nothing to evaluate on")
     model_dir = workspace / "model"
-    check_tokenizer(model_dir, workspace)
+    require_same_tokenizer(str(model_dir), workspace)
     metrics: dict = {}
     if "eval_loss" in recipe.evaluation.metrics:
         metrics.update(eval_loss(model_dir, workspace))

@@ -113,6 +113,10 @@ def run(recipe: Recipe, workspace: Path) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from posttrain.training_lib.data.tokenizer import require_same_tokenizer
+
+    # Refuse before any worker starts: ids prepared by another tokenizer would train silently wrong.
+    require_same_tokenizer(recipe.tokenizer_uri, workspace)
     c = recipe.compute
     use_gpu = c.gpus_per_worker > 0
     trainer = TorchTrainer(

@@ -71,14 +71,8 @@ class ModelConfig(_Strict):
 class PackingConfig(_Strict):
     enabled: bool = True
     mode: Literal["offline", "streaming"] = "offline"
+    buffer_docs: int = Field(512, ge=1)  # streaming: documents packed together per buffer
     overlong: Literal["truncate", "drop"] = "truncate"
-
-    @field_validator("mode")
-    @classmethod
-    def _implemented(cls, value: str) -> str:
-        if value == "streaming":
-            raise ValueError("packing mode 'streaming' is not implemented yet; implemented: offline")
-        return value
 
 
 class DataValidationConfig(_Strict):

@@ -1,5 +1,5 @@
 """Checkpoints a resume needs: model and optimizer shards (torch.distributed.checkpoint), the step,
-each rank's data position and RNG state.
+each rank's data position (the loader's or the streaming packer's) and RNG state.
 
 A checkpoint is written into `step-NNNNNNNN.tmp/` and renamed to `step-NNNNNNNN/` by rank 0 after
 every rank has finished, so a directory without the suffix is always complete: a crash mid-write
@@ -18,8 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-from posttrain.training_lib.data.loader import LoaderState
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -50,7 +48,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         loader_state: LoaderState, rank: int, keep: int) -> Path:
+         loader_state: dict, rank: int, keep: int) -> Path:
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
     if rank == 0:
@@ -59,7 +57,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({"loader": vars(loader_state), "rng": _rng_state()}, tmp / f"rank-{rank:05d}.pt")
+    torch.save({"loader": loader_state, "rng": _rng_state()}, tmp / f"rank-{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
         (tmp / "train_state.json").write_text(json.dumps({"step": step, "world_size": dist.get_world_size()}))
@@ -70,8 +68,8 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     return final
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[int, LoaderState]:
-    """Restore in place; returns (step, this rank's loader state)."""
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[int, dict]:
+    """Restore in place; returns (step, this rank's data-loader state)."""
     meta = json.loads((path / "train_state.json").read_text())
     if meta["world_size"] != dist.get_world_size():
         raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
@@ -83,4 +81,4 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, r
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     extra = torch.load(path / f"rank-{rank:05d}.pt", weights_only=False)
     _set_rng_state(extra["rng"])
-    return meta["step"], LoaderState(**extra["loader"])
+    return meta["step"], extra["loader"]

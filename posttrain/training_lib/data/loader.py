@@ -15,11 +15,22 @@ from pathlib import Path
 import torch
 
 
-def read_blocks(workspace: Path, split: str) -> dict[str, torch.Tensor]:
+def _tables(workspace: Path, split: str) -> list:
     import pyarrow.parquet as pq
 
     manifest = json.loads((workspace / "data" / "manifest.json").read_text())
-    tables = [pq.read_table(workspace / shard) for shard in manifest["splits"][split]["shards"]]
+    return [pq.read_table(workspace / shard) for shard in manifest["splits"][split]["shards"]]
+
+
+def read_documents(workspace: Path, split: str) -> tuple[list[list[int]], list[list[bool]]]:
+    """Tokenized, unpacked documents (the streaming layout): ids and which tokens train."""
+    tables = _tables(workspace, split)
+    return ([r for t in tables for r in t.column("input_ids").to_pylist()],
+            [r for t in tables for r in t.column("assistant_mask").to_pylist()])
+
+
+def read_blocks(workspace: Path, split: str) -> dict[str, torch.Tensor]:
+    tables = _tables(workspace, split)
     out = {}
     for column in ("input_ids", "labels", "position_ids"):
         rows = [row for t in tables for row in t.column(column).to_pylist()]
@@ -53,6 +64,12 @@ class PackedLoader:
             order = order.repeat(-(-need // self.num_blocks))
         mine = order[:need].view(self.batches_per_epoch, self.world_size, self.mbs)[:, self.rank]
         return mine
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.state.epoch, "batch": self.state.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = LoaderState(**state)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.state.batch >= self.batches_per_epoch:

@@ -33,6 +33,11 @@ def read_jsonl(uri: str, open_binary: Opener | None = None) -> Iterator[tuple[in
                 yield lineno, json.loads(raw)
 
 
+def block_pad_id(tokenizer: Any) -> int:
+    """The id that fills the end of a block (it never trains and no document attends to it)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def write_blocks(blocks: list[Block], out_dir: Path, split: str) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -47,6 +52,23 @@ def write_blocks(blocks: list[Block], out_dir: Path, split: str) -> list[str]:
             "doc_lens": pa.array([b.doc_lens for b in chunk], type=pa.list_(pa.int32())),
         })
         name = f"{split}-{start // BLOCKS_PER_SHARD:05d}.parquet"
+        pq.write_table(table, out_dir / name)
+        names.append(f"data/{name}")
+    return names
+
+
+def write_documents(docs: list[tuple[list[int], list[bool]]], out_dir: Path, split: str) -> list[str]:
+    """The streaming layout: tokenized documents, unpacked, with the mask of tokens that train."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = []
+    per_shard = BLOCKS_PER_SHARD * 16
+    for start in range(0, max(len(docs), 1), per_shard):
+        chunk = docs[start:start + per_shard]
+        table = pa.table({"input_ids": pa.array([d[0] for d in chunk], type=pa.list_(pa.int32())),
+                          "assistant_mask": pa.array([d[1] for d in chunk], type=pa.list_(pa.bool_()))})
+        name = f"{split}-docs-{start // per_shard:05d}.parquet"
         pq.write_table(table, out_dir / name)
         names.append(f"data/{name}")
     return names
@@ -70,8 +92,8 @@ def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split
             no_target += 1  # truncation cut every assistant token: nothing to learn from
             continue
         docs.append((ids, mask))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    blocks = pack(docs, max_len, pad_id, enabled=recipe.data.packing.enabled)
+    streaming = recipe.data.packing.mode == "streaming" and split == "train"
+    blocks = pack(docs, max_len, block_pad_id(tokenizer), enabled=recipe.data.packing.enabled)
     tokens = sum(len(ids) for ids, _ in docs)
     return {
         "rows": rows,
@@ -83,7 +105,10 @@ def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split
         "truncated": truncated,
         "dropped_overlong": dropped,
         "dropped_no_target": no_target,
-        "shards": write_blocks(blocks, out_dir, split),
+        # Training data in streaming mode stays unpacked (the trainer packs it); the block count above
+        # is then what offline packing would give. Eval data is always packed offline.
+        "layout": "documents" if streaming else "blocks",
+        "shards": write_documents(docs, out_dir, split) if streaming else write_blocks(blocks, out_dir, split),
     }
 
 
@@ -105,6 +130,7 @@ def prepare(recipe: Recipe, workspace: Path, open_binary: Opener | None = None) 
             "size": len(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
+            "block_pad_id": block_pad_id(tokenizer),
         },
         "splits": {name: prepare_split(tokenizer, uri, recipe, out_dir, name, open_binary)
                    for name, uri in splits.items()},

@@ -21,7 +21,6 @@ def train_loop(config: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from posttrain.training_lib import checkpoint
-    from posttrain.training_lib.data.loader import PackedLoader, read_blocks
     from posttrain.training_lib.export import export
     from posttrain.training_lib.losses.cross_entropy import packed_forward, summed_cross_entropy
     from posttrain.training_lib.metrics import StepLogger
@@ -39,9 +38,8 @@ def train_loop(config: dict) -> None:
     plan = make_plan(recipe, world, device)
     torch.manual_seed(t.seed)
 
-    blocks = read_blocks(workspace, "train")
-    loader = PackedLoader(blocks, rank, world, t.micro_batch_size, t.seed)
-    max_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum)
+    loader, blocks_per_epoch = make_loader(recipe, workspace, rank, world)
+    max_steps = t.max_steps or t.epochs * max(1, blocks_per_epoch // (t.micro_batch_size * t.grad_accum))
 
     model = load_for_training(recipe).to(device)
     mesh = init_device_mesh(device, (world,))
@@ -52,12 +50,14 @@ def train_loop(config: dict) -> None:
     ckpt_root = workspace / "checkpoints"
     step = 0
     if (latest := checkpoint.latest_checkpoint(ckpt_root)) is not None:
-        step, loader.state = checkpoint.load(latest, model, optimizer, rank)
+        step, loader_state = checkpoint.load(latest, model, optimizer, rank)
+        loader.load_state_dict(loader_state)
         if rank == 0:
             print(f"resumed from {latest} at step {step}", flush=True)
     if rank == 0:
         print(f"plan: {json.dumps(plan.as_dict())}; {sum(p.numel() for p in trainable)} trainable parameters "
-              f"on {world} workers; {loader.num_blocks} blocks of {blocks['input_ids'].shape[1]} tokens", flush=True)
+              f"on {world} workers; ~{blocks_per_epoch} blocks of {recipe.data.max_seq_len} tokens per epoch "
+              f"({recipe.data.packing.mode} packing)", flush=True)
     logger = StepLogger(workspace / "train" / "metrics.jsonl", enabled=rank == 0, total_steps=max_steps)
 
     model.train()
@@ -84,13 +84,30 @@ def train_loop(config: dict) -> None:
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             logger.log(step, float(loss_sum / targets.clamp(min=1)), lr, float(grad_norm), tokens)
         if step % t.checkpoint_every == 0 or step == max_steps:
-            checkpoint.save(ckpt_root, step, model, optimizer, loader.state, rank, t.keep_checkpoints)
+            checkpoint.save(ckpt_root, step, model, optimizer, loader.state_dict(), rank, t.keep_checkpoints)
 
     model_dir = export(model, recipe, workspace, rank)
     if rank == 0:
         (workspace / "train" / "summary.json").write_text(json.dumps(
             summarize(workspace, model_dir, plan.as_dict(), max_steps), indent=2))
     dist.barrier()
+
+
+def make_loader(recipe: Recipe, workspace: Path, rank: int, world: int) -> tuple:
+    """This rank's micro-batches: offline-packed blocks, or blocks packed on the fly from the
+    document stream. Returns (loader, blocks per epoch over all ranks)."""
+    from posttrain.training_lib.data.loader import PackedLoader, read_blocks, read_documents
+    from posttrain.training_lib.data.streaming import StreamingLoader, StreamingPacker
+
+    t, packing = recipe.training, recipe.data.packing
+    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    if packing.mode == "streaming":
+        ids, trains = read_documents(workspace, "train")
+        packer = StreamingPacker(ids, trains, recipe.data.max_seq_len, manifest["tokenizer"]["block_pad_id"],
+                                 t.seed, rank, world, packing.buffer_docs)
+        return StreamingLoader(packer, t.micro_batch_size), manifest["splits"]["train"]["blocks"]
+    loader = PackedLoader(read_blocks(workspace, "train"), rank, world, t.micro_batch_size, t.seed)
+    return loader, loader.num_blocks
 
 
 def summarize(workspace: Path, model_dir: Path | None, plan: dict, max_steps: int) -> dict:

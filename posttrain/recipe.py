@@ -78,6 +78,7 @@ class PackingConfig(_Strict):
 class DataValidationConfig(_Strict):
     min_rows: int = Field(100, ge=1)
     max_duplicate_fraction: float = Field(0.05, ge=0, le=1)
+    max_overlong_fraction: float = Field(0.05, ge=0, le=1)  # rows longer than max_seq_len (checked when tokenized)
     allowed_roles: list[Literal["system", "user", "assistant"]] = Field(
         default_factory=lambda: ["system", "user", "assistant"], min_length=1)
 

@@ -81,7 +81,7 @@ def write_recipe(folder: Path, name: str = "t-sft", **sections: Any) -> Path:
         "paradigm": "sft",
         "model": {"base": str(TINY)},
         "data": {"train": str(SAMPLE_DATA / "train.jsonl"), "eval": str(SAMPLE_DATA / "eval.jsonl"),
-                 "max_seq_len": 256, "validation": {"min_rows": 50}},
+                 "max_seq_len": 256, "validation": {"min_rows": 50, "max_overlong_fraction": 0.1}},
         "training": {"max_steps": 4, "learning_rate": 3e-3, "micro_batch_size": 2, "checkpoint_every": 2},
         "compute": {"provider": "local", "workers": 2},
         "evaluation": {"max_new_tokens": 8, "max_samples": 8},

@@ -20,8 +20,8 @@ class ValidateDataOperator(PosttrainOperator):
             yield from fh
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from posttrain.validation.chat import validate_recipe_data
         from posttrain.validation.report import summary, to_html
+        from posttrain.validation.run import validate_recipe_data
 
         recipe = self.load_recipe()
         report = validate_recipe_data(recipe, self._lines)

@@ -6,15 +6,15 @@ import html
 from dataclasses import asdict
 from typing import Any
 
-from posttrain.validation.frames import ChatFrames
+from posttrain.validation.frames import Frames
 from posttrain.validation.suites import RuleResult
 
 
-def split_report(source: str, frames: ChatFrames, results: list[RuleResult]) -> dict[str, Any]:
+def split_report(source: str, frames: Frames, results: list[RuleResult]) -> dict[str, Any]:
     failed = [r for r in results if not r.success]
     return {
         "source": source,
-        "rows": int(len(frames.conversations)),
+        "rows": int(len(frames.rows)),
         "turns": int(len(frames.turns)),
         "unreadable_lines": frames.unreadable,
         "rules": [asdict(r) for r in results],

@@ -1,4 +1,4 @@
-"""The built-in Great Expectations suite for chat data, run in an ephemeral context.
+"""The built-in Great Expectations suites (chat, preference, prompt), run in an ephemeral context.
 
 Each rule is one expectation with a name a user can read in the report; failures carry the
 offending line numbers of the source file.
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.recipe import DataValidationConfig
-from posttrain.validation.frames import ChatFrames
+from posttrain.validation.frames import Frames
 
 
 @dataclass
@@ -22,33 +22,43 @@ class RuleResult:
     example_lines: list[int]
 
 
-def _chat_rules(rules: DataValidationConfig, min_rows: int) -> list[tuple[str, str, Any]]:
+def _is_true(e: Any, column: str) -> Any:
+    return e.ExpectColumnValuesToBeInSet(column=column, value_set=[True])
+
+
+def suite_rules(data_format: str, rules: DataValidationConfig, min_rows: int) -> list[tuple[str, str, Any]]:
+    """(rule as the report names it, table, expectation) for a data format."""
     import great_expectations as gx
 
     e = gx.expectations
-    return [
-        ("at least min_rows conversations", "conversations",
-         e.ExpectTableRowCountToBeBetween(min_value=min_rows)),
-        ("messages is a non-empty list", "conversations",
-         e.ExpectColumnValuesToBeInSet(column="messages_is_list", value_set=[True])),
-        ("last turn is from the assistant", "conversations",
-         e.ExpectColumnValuesToBeInSet(column="last_role", value_set=["assistant"])),
-        ("turns alternate user/assistant after an optional system prompt", "conversations",
-         e.ExpectColumnValuesToBeInSet(column="role_order_ok", value_set=[True])),
-        ("duplicate conversations within max_duplicate_fraction", "conversations",
+    common = [
+        ("at least min_rows examples", "rows", e.ExpectTableRowCountToBeBetween(min_value=min_rows)),
+        ("duplicate examples within max_duplicate_fraction", "rows",
          e.ExpectColumnProportionOfUniqueValuesToBeBetween(column="fingerprint",
                                                            min_value=1.0 - rules.max_duplicate_fraction)),
+        ("turns alternate user/assistant after an optional system prompt", "rows", _is_true(e, "role_order_ok")),
         (f"roles are {', '.join(rules.allowed_roles)}", "turns",
          e.ExpectColumnValuesToBeInSet(column="role", value_set=list(rules.allowed_roles))),
-        ("content is a string", "turns",
-         e.ExpectColumnValuesToBeInSet(column="content_is_str", value_set=[True])),
-        ("content is not empty", "turns",
-         e.ExpectColumnValuesToBeInSet(column="content_blank", value_set=[False])),
+        ("content is a string", "turns", _is_true(e, "content_is_str")),
+        ("content is not empty", "turns", e.ExpectColumnValuesToBeInSet(column="content_blank", value_set=[False])),
     ]
+    prompt = [("prompt is a non-empty list of messages", "rows", _is_true(e, "prompt_is_list")),
+              ("prompt ends with the user", "rows", _is_true(e, "prompt_ends_with_user"))]
+    specific = {
+        "chat": [("messages is a non-empty list", "rows", _is_true(e, "messages_is_list")),
+                 ("last turn is from the assistant", "rows",
+                  e.ExpectColumnValuesToBeInSet(column="last_role", value_set=["assistant"]))],
+        "preference": prompt + [
+            ("chosen is a non-empty list of assistant messages", "rows", _is_true(e, "chosen_is_assistant")),
+            ("rejected is a non-empty list of assistant messages", "rows", _is_true(e, "rejected_is_assistant")),
+            ("chosen differs from rejected", "rows", _is_true(e, "chosen_differs"))],
+        "prompt": prompt + [("answer, when present, is a string", "rows", _is_true(e, "answer_ok"))],
+    }
+    return common[:1] + specific[data_format] + common[1:]
 
 
-def run_chat_suite(frames: ChatFrames, rules_config: DataValidationConfig, min_rows: int,
-                   name: str) -> list[RuleResult]:
+def run_suite(frames: Frames, data_format: str, rules_config: DataValidationConfig, min_rows: int,
+              name: str) -> list[RuleResult]:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -56,10 +66,10 @@ def run_chat_suite(frames: ChatFrames, rules_config: DataValidationConfig, min_r
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas(f"{name}-source")
     results = []
-    tables = {"conversations": frames.conversations, "turns": frames.turns}
+    tables = {"rows": frames.rows, "turns": frames.turns}
     batches = {t: source.add_dataframe_asset(t).add_batch_definition_whole_dataframe(t) for t in tables}
     suites = {t: context.suites.add(gx.ExpectationSuite(name=f"{name}-{t}")) for t in tables}
-    rules = _chat_rules(rules_config, min_rows)
+    rules = suite_rules(data_format, rules_config, min_rows)
     for _rule, table, expectation in rules:
         suites[table].add_expectation(expectation)
     for table, df in tables.items():
@@ -77,7 +87,7 @@ def run_chat_suite(frames: ChatFrames, rules_config: DataValidationConfig, min_r
             r = by_type[(expectation.expectation_type, getattr(expectation, "column", None))]
             index_list = r.result.get("unexpected_index_list") or []
             lines = sorted({int(row["line"]) for row in index_list if isinstance(row, dict) and "line" in row})
-            if rule_table == "conversations" and getattr(expectation, "column", None) == "fingerprint":
+            if getattr(expectation, "column", None) == "fingerprint":
                 # Uniqueness is a table-level figure; name the repeated rows for the report.
                 df = tables[table]
                 lines = sorted(int(x) for x in df.loc[df["fingerprint"].duplicated(), "line"])

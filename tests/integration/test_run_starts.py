@@ -81,7 +81,7 @@ def test_overrides_reach_the_workspace_and_bad_data_fails_validation(tmp_path: P
     report = json.loads((workspace / "validation" / "report.json").read_text())
     assert not report["splits"]["train"]["success"] and report["splits"]["eval"]["success"]
     failed = {r["rule"]: r["example_lines"] for r in report["splits"]["train"]["rules"] if not r["success"]}
-    assert failed == {"at least min_rows conversations": [], "last turn is from the assistant": [1],
+    assert failed == {"at least min_rows examples": [], "last turn is from the assistant": [1],
                       "roles are system, user, assistant": [2], "content is not empty": [2]}
     assert "FAIL" in (workspace / "validation" / "report.html").read_text()
     out = capfd.readouterr()

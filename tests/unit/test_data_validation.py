@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.recipe import load_recipe, local_path
-from posttrain.validation.chat import validate_recipe_data
 from posttrain.validation.report import summary
+from posttrain.validation.run import validate_recipe_data
 from tests.conftest import SAMPLE_DATA, write_recipe
 
 GOOD = {"messages": [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2"}]}
@@ -44,8 +44,8 @@ CORPUS = {
     "ends-with-user": (good_lines(2) + line({"messages": [{"role": "user", "content": "q"}]}),
                        "last turn is from the assistant", [3]),
     "duplicates": (good_lines(3) + line(GOOD) + line(GOOD) + line(GOOD),
-                   "duplicate conversations within max_duplicate_fraction", [5, 6]),
-    "too-few-rows": (good_lines(2), "at least min_rows conversations", []),
+                   "duplicate examples within max_duplicate_fraction", [5, 6]),
+    "too-few-rows": (good_lines(2), "at least min_rows examples", []),
 }
 
 

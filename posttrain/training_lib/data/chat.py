@@ -31,13 +31,13 @@ def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> st
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendered text and the [start, end) character spans of every assistant reply,
-    each including the end-of-turn marker but not the whitespace after it."""
+def assistant_spans(tokenizer: Any, messages: list[dict], first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the [start, end) character spans of every assistant reply from
+    message `first` on, each including the end-of-turn marker but not the whitespace after it."""
     full = _render(tokenizer, messages, generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first:
             continue
         before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
         upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
@@ -82,13 +82,19 @@ def _keep_last_turn(tok: Tokenized) -> Tokenized:
     return Tokenized(tok.input_ids, [start <= i <= end for i in range(len(mask))])
 
 
-def tokenize_chat(tokenizer: Any, messages: list[dict], last_turn_only: bool = False) -> Tokenized:
+def tokenize_chat(tokenizer: Any, messages: list[dict], last_turn_only: bool = False,
+                  train_from_message: int = 0) -> Tokenized:
     """Token ids of the rendered conversation and which of them belong to assistant replies
-    (every reply, or only the last one)."""
+    (every reply, only the last one, or those from message `train_from_message` on: the
+    completion of a preference pair)."""
     if _GENERATION_MARKER.search(tokenizer.chat_template or ""):
         tok = _marker_mask(tokenizer, messages)
+        if train_from_message:
+            prefix = len(tokenizer.apply_chat_template(messages[:train_from_message], tokenize=True,
+                                                       add_generation_prompt=True, return_dict=False))
+            tok.assistant_mask[:prefix] = [False] * min(prefix, len(tok.assistant_mask))
     else:
-        text, spans = assistant_spans(tokenizer, messages)
+        text, spans = assistant_spans(tokenizer, messages, first=train_from_message)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         tok = Tokenized(input_ids=list(enc["input_ids"]), assistant_mask=_mask_from_spans(enc["offset_mapping"], spans))
     return _keep_last_turn(tok) if last_turn_only else tok

@@ -1,4 +1,4 @@
-"""The prepare stage: raw chat JSONL → tokenized, masked, packed Parquet shards + manifest.json.
+"""The prepare stage: raw JSONL → tokenized, masked (and for chat, packed) Parquet shards + manifest.json.
 
 Runs wherever the Airflow task runs (no GPU needed) and writes under `<workspace>/data/`.
 """
@@ -15,6 +15,7 @@ import fsspec
 
 from posttrain.recipe import Recipe
 from posttrain.training_lib.data.chat import tokenize_chat
+from posttrain.training_lib.data.formats import prepare_preference, prepare_prompts
 from posttrain.training_lib.data.packing import Block, pack
 from posttrain.training_lib.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -74,8 +75,31 @@ def write_documents(docs: list[tuple[list[int], list[bool]]], out_dir: Path, spl
     return names
 
 
+class OverlongData(ValueError):
+    pass
+
+
 def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split: str,
                   open_binary: Opener | None = None) -> dict:
+    data = recipe.data
+    rows = (row for _lineno, row in read_jsonl(uri, open_binary))
+    if data.format == "preference":
+        stats = prepare_preference(tokenizer, rows, data.max_seq_len, data.packing.overlong, out_dir, split)
+    elif data.format == "prompt":
+        stats = prepare_prompts(tokenizer, rows, data.max_seq_len, out_dir, split)
+    else:
+        stats = prepare_chat(tokenizer, uri, recipe, out_dir, split, open_binary)
+    overlong = stats.get("truncated", 0) + stats["dropped_overlong"]
+    if stats["rows"] and overlong / stats["rows"] > data.validation.max_overlong_fraction:
+        raise OverlongData(
+            f"{uri}: {overlong} of {stats['rows']} rows ({overlong / stats['rows']:.1%}) are longer than "
+            f"data.max_seq_len {data.max_seq_len}, more than data.validation.max_overlong_fraction "
+            f"{data.validation.max_overlong_fraction:.1%}: raise max_seq_len or the fraction, or filter the data")
+    return stats
+
+
+def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split: str,
+                 open_binary: Opener | None = None) -> dict:
     max_len = recipe.data.max_seq_len
     docs, rows, truncated, dropped, no_target = [], 0, 0, 0, 0
     for _lineno, row in read_jsonl(uri, open_binary):

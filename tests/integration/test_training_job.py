@@ -1,6 +1,7 @@
-"""The training job on a local Ray head, as the operators submit it: streaming packing on 2 FSDP
-workers, checkpoints, and a second submission that resumes from the last checkpoint instead of
-starting over (what an Airflow retry of the train task does)."""
+"""The training job on a local Ray head, as the operators submit it (streaming packing, 2 FSDP2
+workers): a run killed mid-way and submitted again (what an Airflow retry does) resumes from its
+last checkpoint and ends exactly where an uninterrupted run ends: same loss at every step, same
+final weights, bit for bit."""
 
 from __future__ import annotations
 
@@ -8,54 +9,77 @@ import json
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from posttrain.hooks.ray import TERMINAL_STATES, LocalRayCluster, RayJobHook
 from posttrain.recipe import load_recipe
 from posttrain.training_lib.data.prepare import prepare
 from tests.conftest import write_recipe
 
+ENTRY = "{python} -m posttrain.training_lib.entrypoint train --workspace file://{ws}"
 
-def run_job(cluster: dict, workspace: Path, job_id: str) -> tuple[str, str]:
-    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
-    hook.submit_job(f"{cluster['python']} -m posttrain.training_lib.entrypoint train --workspace file://{workspace}",
-                    job_id)
-    deadline = time.monotonic() + 300
+
+def submit(hook: RayJobHook, cluster: dict, workspace: Path, job_id: str) -> str:
+    return hook.submit_job(ENTRY.format(python=cluster["python"], ws=workspace), job_id)
+
+
+def wait(hook: RayJobHook, job_id: str, timeout: float = 300) -> tuple[str, str]:
+    deadline = time.monotonic() + timeout
     while (status := hook.get_job(job_id)["status"]) not in TERMINAL_STATES:
-        assert time.monotonic() < deadline, "training job did not finish in 300 s"
-        time.sleep(1)
+        assert time.monotonic() < deadline, f"job {job_id} did not finish in {timeout:.0f} s"
+        time.sleep(0.5)
     return status, hook.get_job_logs(job_id)
 
 
-def test_streaming_training_checkpoints_and_resumes(tmp_path: Path, tiny_model: Path) -> None:
-    recipe_path = write_recipe(tmp_path, name="stream", data={"packing": {"mode": "streaming", "buffer_docs": 64},
-                                                              "train_on": "last_assistant_turn"},
-                               training={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 5})
-    recipe = load_recipe(recipe_path)
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    (workspace / "recipe.json").write_text(recipe.model_dump_json())
-    manifest = prepare(recipe, workspace)
-    assert manifest["splits"]["train"]["layout"] == "documents"
-    assert manifest["splits"]["eval"]["layout"] == "blocks"
+def losses(workspace: Path) -> dict[int, float]:
+    """Loss per step; a step logged twice (before a kill, again after the resume) keeps its last value."""
+    rows = [json.loads(x) for x in (workspace / "train" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def new_workspace(root: Path, recipe) -> Path:
+    root.mkdir()
+    (root / "recipe.json").write_text(recipe.model_dump_json())
+    prepare(recipe, root)
+    return root
+
+
+def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path) -> None:
+    steps = 40
+    recipe = load_recipe(write_recipe(
+        tmp_path, name="resume", data={"packing": {"mode": "streaming", "buffer_docs": 64}},
+        training={"max_steps": steps, "checkpoint_every": 5, "keep_checkpoints": 2, "learning_rate": 1e-3}))
+    straight = new_workspace(tmp_path / "straight", recipe)
+    interrupted = new_workspace(tmp_path / "interrupted", recipe)
+    assert json.loads((straight / "data" / "manifest.json").read_text())["splits"]["train"]["layout"] == "documents"
 
     cluster = LocalRayCluster.start(num_cpus=3)
     try:
-        status, logs = run_job(cluster, workspace, "stream-1")
+        hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+        status, logs = wait(hook, submit(hook, cluster, straight, "straight"))
         assert status == "SUCCEEDED", logs[-3000:]
-        assert "(streaming packing)" in logs
-        steps = [json.loads(x)["step"] for x in (workspace / "train" / "metrics.jsonl").read_text().splitlines()]
-        assert steps == [1, 2, 3, 4]
-        assert sorted(p.name for p in (workspace / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
 
-        # A retry with more steps to go picks up at step 4.
-        (workspace / "recipe.json").write_text(
-            recipe.model_copy(update={"training": recipe.training.model_copy(update={"max_steps": 6})})
-            .model_dump_json())
-        status, logs = run_job(cluster, workspace, "stream-2")
+        job = submit(hook, cluster, interrupted, "killed")
+        first_checkpoint = interrupted / "checkpoints" / "step-00000005"
+        deadline = time.monotonic() + 240
+        while not first_checkpoint.exists():
+            assert time.monotonic() < deadline and hook.get_job(job)["status"] not in TERMINAL_STATES
+            time.sleep(0.1)
+        hook.stop_job(job)
+        status, _ = wait(hook, job)
+        assert status == "STOPPED"
+        resumed_at = int(sorted(p.name for p in (interrupted / "checkpoints").iterdir()
+                                if not p.name.endswith(".tmp"))[-1][len("step-"):])
+        assert resumed_at < steps, "the job finished before it could be killed; nothing was resumed"
+
+        status, logs = wait(hook, submit(hook, cluster, interrupted, "resumed"))
         assert status == "SUCCEEDED", logs[-3000:]
-        assert f"resumed from {workspace}/checkpoints/step-00000004 at step 4" in logs
-        steps = [json.loads(x)["step"] for x in (workspace / "train" / "metrics.jsonl").read_text().splitlines()]
-        assert steps == [1, 2, 3, 4, 5, 6]
-        assert (workspace / "model" / "model.safetensors").exists()
+        assert f"resumed from {interrupted}/checkpoints/step-{resumed_at:08d} at step {resumed_at}" in logs
     finally:
         LocalRayCluster.stop(cluster)
     assert LocalRayCluster.processes(cluster) == []
+
+    assert losses(interrupted) == losses(straight)
+    assert sorted(losses(straight)) == list(range(1, steps + 1))
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(interrupted / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -101,6 +101,7 @@ class TrainingConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    loss_chunk_tokens: int = Field(1024, ge=1)  # positions per chunk of the cross-entropy (memory vs speed)
     micro_batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"

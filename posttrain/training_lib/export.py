@@ -10,6 +10,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from posttrain.recipe import Recipe
 from posttrain.training_lib.models.loading import apply_lora, model_location, pad_vocab
+from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
 
 def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> Path | None:
@@ -18,6 +19,7 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
+    full = {k.removeprefix(CausalLMWithLoss.PREFIX): v for k, v in full.items()}
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(model_location(recipe.model.base))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from posttrain.training_lib.data.loader import read_blocks
-from posttrain.training_lib.losses.cross_entropy import packed_forward, summed_cross_entropy
+from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
 
 @torch.no_grad()
@@ -16,11 +16,12 @@ def eval_loss(model_dir: Path, workspace: Path, batch_size: int = 4) -> dict:
 
     from posttrain.training_lib.models.attention import register
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=register()).eval()
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=register())
+    model = CausalLMWithLoss(lm).eval()
     blocks = read_blocks(workspace, "eval")
     total, count = 0.0, 0
     for start in range(0, blocks["input_ids"].shape[0], batch_size):
         batch = {k: v[start:start + batch_size] for k, v in blocks.items()}
-        total += float(summed_cross_entropy(packed_forward(model, batch), batch["labels"]))
+        total += float(model(**batch))
         count += int((batch["labels"] != -100).sum())
     return {"eval_loss": total / max(count, 1), "eval_tokens": count}

@@ -57,4 +57,13 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     (IGNORE positions skipped)."""
     keep = labels.reshape(-1) != IGNORE
     flat = hidden.reshape(-1, hidden.shape[-1])[keep]
-    return _ChunkedCrossEntropy.apply(flat, weight, labels.reshape(-1)[keep], chunk_size)
+    targets = labels.reshape(-1)[keep]
+    if torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad):
+        return _ChunkedCrossEntropy.apply(flat, weight, targets, chunk_size)
+    # Scoring only (evaluation): the same chunks, no gradient buffers.
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    for start in range(0, flat.shape[0], chunk_size):
+        logits = (flat[start:start + chunk_size] @ weight.t()).to(acc)
+        total += torch.nn.functional.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+    return total

@@ -34,7 +34,7 @@ def _apply_fsdp(model: torch.nn.Module, layers: torch.nn.ModuleList, mesh: Devic
 
 
 def parallelize(model: torch.nn.Module, plan: Plan, mesh: DeviceMesh) -> torch.nn.Module:
-    layers = decoder_layers(model)
+    layers = decoder_layers(getattr(model, "lm", model))
     if plan.activation_checkpointing:
         _apply_activation_checkpointing(layers)
     if plan.compile:

@@ -22,9 +22,9 @@ def train_loop(config: dict) -> None:
 
     from posttrain.training_lib import checkpoint
     from posttrain.training_lib.export import export
-    from posttrain.training_lib.losses.cross_entropy import packed_forward, summed_cross_entropy
     from posttrain.training_lib.metrics import StepLogger
     from posttrain.training_lib.models.loading import load_for_training
+    from posttrain.training_lib.models.with_loss import CausalLMWithLoss
     from posttrain.training_lib.parallel.parallelize import parallelize
     from posttrain.training_lib.parallel.plan import make_plan
     from posttrain.training_lib.schedule import learning_rate
@@ -41,7 +41,7 @@ def train_loop(config: dict) -> None:
     loader, blocks_per_epoch = make_loader(recipe, workspace, rank, world)
     max_steps = t.max_steps or t.epochs * max(1, blocks_per_epoch // (t.micro_batch_size * t.grad_accum))
 
-    model = load_for_training(recipe).to(device)
+    model = CausalLMWithLoss(load_for_training(recipe), t.loss_chunk_tokens).to(device)
     mesh = init_device_mesh(device, (world,))
     model = parallelize(model, plan, mesh)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -71,7 +71,7 @@ def train_loop(config: dict) -> None:
         dist.all_reduce(targets)  # global number of target tokens in this step
         loss_sum = torch.zeros((), device=device)
         for batch in micro:
-            loss = summed_cross_entropy(packed_forward(model, batch), batch["labels"])
+            loss = model(**batch)  # summed loss over the assistant tokens of the micro-batch
             # Gradients are averaged over ranks by the data-parallel reduction, hence × world.
             (loss * world / targets.clamp(min=1)).backward()
             loss_sum += loss.detach()

@@ -1,0 +1,35 @@
+"""The causal LM and its loss as one plain module: forward(batch) → summed token loss.
+
+The loss is computed from the final hidden states with the chunked cross-entropy, so the full
+logits never exist. It is one module so that FSDP2's root unit gathers the output projection for
+the loss exactly as it gathers the embedding for the input (reaching for `lm_head.weight` outside
+a forward would find it sharded).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.training_lib.losses.chunked import chunked_cross_entropy
+from posttrain.training_lib.models.attention import check_isolates_documents
+
+
+def base_model(lm: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside a PEFT wrapper (or the model itself)."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+class CausalLMWithLoss(torch.nn.Module):
+    PREFIX = "lm."  # state-dict keys of the wrapped model start with this
+
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 1024):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Packed blocks: no attention mask, documents come from the restarting position ids.
+        base = base_model(self.lm)
+        check_isolates_documents(base)
+        hidden = base.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return chunked_cross_entropy(hidden, base.lm_head.weight, labels, self.chunk_tokens)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from posttrain.hooks.ray import TERMINAL_STATES, LocalRayCluster, RayJobHook
@@ -44,7 +46,17 @@ def new_workspace(root: Path, recipe) -> Path:
     return root
 
 
-def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict]:
+    info = LocalRayCluster.start(num_cpus=3)
+    try:
+        yield info
+    finally:
+        LocalRayCluster.stop(info)
+    assert LocalRayCluster.processes(info) == []
+
+
+def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: dict) -> None:
     steps = 40
     recipe = load_recipe(write_recipe(
         tmp_path, name="resume", data={"packing": {"mode": "streaming", "buffer_docs": 64}},
@@ -53,33 +65,50 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path) -> None:
     interrupted = new_workspace(tmp_path / "interrupted", recipe)
     assert json.loads((straight / "data" / "manifest.json").read_text())["splits"]["train"]["layout"] == "documents"
 
-    cluster = LocalRayCluster.start(num_cpus=3)
-    try:
-        hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
-        status, logs = wait(hook, submit(hook, cluster, straight, "straight"))
-        assert status == "SUCCEEDED", logs[-3000:]
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    status, logs = wait(hook, submit(hook, cluster, straight, "straight"))
+    assert status == "SUCCEEDED", logs[-3000:]
 
-        job = submit(hook, cluster, interrupted, "killed")
-        first_checkpoint = interrupted / "checkpoints" / "step-00000005"
-        deadline = time.monotonic() + 240
-        while not first_checkpoint.exists():
-            assert time.monotonic() < deadline and hook.get_job(job)["status"] not in TERMINAL_STATES
-            time.sleep(0.1)
-        hook.stop_job(job)
-        status, _ = wait(hook, job)
-        assert status == "STOPPED"
-        resumed_at = int(sorted(p.name for p in (interrupted / "checkpoints").iterdir()
-                                if not p.name.endswith(".tmp"))[-1][len("step-"):])
-        assert resumed_at < steps, "the job finished before it could be killed; nothing was resumed"
+    job = submit(hook, cluster, interrupted, "killed")
+    first_checkpoint = interrupted / "checkpoints" / "step-00000005"
+    deadline = time.monotonic() + 240
+    while not first_checkpoint.exists():
+        assert time.monotonic() < deadline and hook.get_job(job)["status"] not in TERMINAL_STATES
+        time.sleep(0.1)
+    hook.stop_job(job)
+    status, _ = wait(hook, job)
+    assert status == "STOPPED"
+    resumed_at = int(sorted(p.name for p in (interrupted / "checkpoints").iterdir()
+                            if not p.name.endswith(".tmp"))[-1][len("step-"):])
+    assert resumed_at < steps, "the job finished before it could be killed; nothing was resumed"
 
-        status, logs = wait(hook, submit(hook, cluster, interrupted, "resumed"))
-        assert status == "SUCCEEDED", logs[-3000:]
-        assert f"resumed from {interrupted}/checkpoints/step-{resumed_at:08d} at step {resumed_at}" in logs
-    finally:
-        LocalRayCluster.stop(cluster)
-    assert LocalRayCluster.processes(cluster) == []
+    status, logs = wait(hook, submit(hook, cluster, interrupted, "resumed"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert f"resumed from {interrupted}/checkpoints/step-{resumed_at:08d} at step {resumed_at}" in logs
 
     assert losses(interrupted) == losses(straight)
     assert sorted(losses(straight)) == list(range(1, steps + 1))
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(interrupted / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_lora_under_fsdp_trains_only_the_adapters(tmp_path: Path, tiny_model: Path, cluster: dict) -> None:
+    """LoRA (PEFT) on 2 FSDP2 workers with activation checkpointing: only adapter weights train,
+    the export holds the adapter and the merged model, and merging changed only the targeted layers."""
+    recipe = load_recipe(write_recipe(
+        tmp_path, name="lora", model={"base": str(tiny_model), "lora": {"rank": 4, "alpha": 8, "dropout": 0.0,
+                                                                      "target_modules": ["q_proj", "v_proj"]}},
+        training={"max_steps": 6, "learning_rate": 5e-3, "checkpoint_every": 3, "activation_checkpointing": True}))
+    workspace = new_workspace(tmp_path / "ws", recipe)
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    status, logs = wait(hook, submit(hook, cluster, workspace, "lora"))
+    assert status == "SUCCEEDED", logs[-3000:]
+
+    # 2 layers × (q_proj + v_proj) × (A: 4×64 + B: 64×4) adapter weights, nothing else.
+    assert "2048 trainable parameters" in logs and '"activation_checkpointing": true' in logs
+    adapter = load_file(workspace / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == 8 and all("lora_" in k for k in adapter)
+    base, merged = load_file(tiny_model / "model.safetensors"), load_file(workspace / "model" / "model.safetensors")
+    assert base.keys() == merged.keys()
+    changed = {k for k in base if not base[k].equal(merged[k])}
+    assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")}

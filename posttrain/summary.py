@@ -20,8 +20,12 @@ def run_summary(recipe: Recipe, run_id: str, task_states: dict[str, str], run_st
     lines += [f"    {task:<22} {state}" for task, state in task_states.items()]
     if manifest := _read(workspace / "data" / "manifest.json"):
         for split, s in manifest["splits"].items():
-            lines.append(f"  data/{split}: {s['rows']} rows, {s['tokens']} tokens → {s['blocks']} blocks of "
-                         f"{manifest['max_seq_len']} (fill {s['fill_ratio']:.1%}, {s['truncated']} truncated)")
+            if "blocks" in s:
+                lines.append(f"  data/{split}: {s['rows']} rows, {s['tokens']} tokens → {s['blocks']} blocks of "
+                             f"{manifest['max_seq_len']} (fill {s['fill_ratio']:.1%}, {s['truncated']} truncated, "
+                             f"{s['layout']} layout)")
+            else:
+                lines.append(f"  data/{split}: {s['rows']} rows, {s['tokens']} tokens ({s['layout']} layout)")
     if train := _read(workspace / "train" / "summary.json"):
         lines.append(f"  train: {train['steps']} steps, loss {train['first_loss']:.4f} → {train['last_loss']:.4f}")
     if metrics := _read(workspace / "eval" / "metrics.json"):

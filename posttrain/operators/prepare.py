@@ -13,8 +13,8 @@ class PrepareDataOperator(PosttrainOperator):
 
         manifest = prepare(self.load_recipe(), self.local_workspace(),
                            open_binary=lambda uri: self.storage.path(uri).open("rb"))
-        stats = {split: {k: s[k] for k in ("rows", "tokens", "blocks", "fill_ratio", "truncated")}
-                 for split, s in manifest["splits"].items()}
+        keys = ("rows", "tokens", "blocks", "pairs", "prompts", "fill_ratio", "truncated", "dropped_overlong")
+        stats = {split: {k: s[k] for k in keys if k in s} for split, s in manifest["splits"].items()}
         self.log.info("prepared: %s", stats)
         return {"manifest": f"{self.workspace}/data/manifest.json", "splits": stats,
                 "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"]}

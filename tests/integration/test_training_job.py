@@ -1,7 +1,7 @@
 """The training job on a local Ray head, as the operators submit it (streaming packing, 2 FSDP2
-workers): a run killed mid-way and submitted again (what an Airflow retry does) resumes from its
-last checkpoint and ends exactly where an uninterrupted run ends: same loss at every step, same
-final weights, bit for bit."""
+workers): a run killed mid-way and submitted again (what an Airflow retry does), and a run that
+loses a Ray Train worker mid-way, both resume from their last checkpoint and end exactly where an
+uninterrupted run ends: same loss at every step, same final weights, bit for bit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -56,6 +57,18 @@ def cluster() -> Iterator[dict]:
     assert LocalRayCluster.processes(info) == []
 
 
+def wait_for(path: Path, hook: RayJobHook, job: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline and hook.get_job(job)["status"] not in TERMINAL_STATES
+        time.sleep(0.1)
+
+
+def train_workers(cluster: dict) -> list[psutil.Process]:
+    return [p for p in LocalRayCluster.processes(cluster)
+            if "RayTrainWorker" in " ".join(p.cmdline() if p.is_running() else [])]
+
+
 def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: dict) -> None:
     steps = 40
     recipe = load_recipe(write_recipe(
@@ -63,6 +76,7 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: d
         training={"max_steps": steps, "checkpoint_every": 5, "keep_checkpoints": 2, "learning_rate": 1e-3}))
     straight = new_workspace(tmp_path / "straight", recipe)
     interrupted = new_workspace(tmp_path / "interrupted", recipe)
+    worker_lost = new_workspace(tmp_path / "worker-lost", recipe)
     assert json.loads((straight / "data" / "manifest.json").read_text())["splits"]["train"]["layout"] == "documents"
 
     hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
@@ -70,11 +84,7 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: d
     assert status == "SUCCEEDED", logs[-3000:]
 
     job = submit(hook, cluster, interrupted, "killed")
-    first_checkpoint = interrupted / "checkpoints" / "step-00000005"
-    deadline = time.monotonic() + 240
-    while not first_checkpoint.exists():
-        assert time.monotonic() < deadline and hook.get_job(job)["status"] not in TERMINAL_STATES
-        time.sleep(0.1)
+    wait_for(interrupted / "checkpoints" / "step-00000005", hook, job)
     hook.stop_job(job)
     status, _ = wait(hook, job)
     assert status == "STOPPED"
@@ -86,10 +96,23 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: d
     assert status == "SUCCEEDED", logs[-3000:]
     assert f"resumed from {interrupted}/checkpoints/step-{resumed_at:08d} at step {resumed_at}" in logs
 
-    assert losses(interrupted) == losses(straight)
+    # One Ray Train worker dies mid-run: FailureConfig restarts the group, which resumes from the
+    # last checkpoint inside the same job.
+    job = submit(hook, cluster, worker_lost, "worker-lost")
+    wait_for(worker_lost / "checkpoints" / "step-00000005", hook, job)
+    victims = train_workers(cluster)
+    assert len(victims) == 2, [p.cmdline() for p in victims]
+    victims[1].kill()
+    status, logs = wait(hook, job)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "resumed from" in logs
+
+    assert losses(interrupted) == losses(straight) == losses(worker_lost)
     assert sorted(losses(straight)) == list(range(1, steps + 1))
-    a, b = load_file(straight / "model" / "model.safetensors"), load_file(interrupted / "model" / "model.safetensors")
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    a = load_file(straight / "model" / "model.safetensors")
+    for other in (interrupted, worker_lost):
+        b = load_file(other / "model" / "model.safetensors")
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
 def test_lora_under_fsdp_trains_only_the_adapters(tmp_path: Path, tiny_model: Path, cluster: dict) -> None:

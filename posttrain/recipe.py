@@ -33,6 +33,13 @@ class RecipeError(ValueError):
         super().__init__("\n".join(f"{source}: {loc}: {msg}" for loc, msg in errors))
 
 
+def _require_implemented(value: str, implemented: tuple[str, ...], what: str) -> str:
+    """Values the schema knows of but the code can't run yet are refused with what can run."""
+    if value not in implemented:
+        raise ValueError(f"{what} {value!r} is not implemented yet; implemented: " + ", ".join(implemented))
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
@@ -135,10 +142,7 @@ class ComputeConfig(_Strict):
     @field_validator("provider")
     @classmethod
     def _implemented(cls, value: str) -> str:
-        if value not in IMPLEMENTED_PROVIDERS:
-            raise ValueError(f"compute provider {value!r} is not implemented yet; implemented: "
-                             + ", ".join(IMPLEMENTED_PROVIDERS))
-        return value
+        return _require_implemented(value, IMPLEMENTED_PROVIDERS, "compute provider")
 
 
 class EvaluationConfig(_Strict):
@@ -192,10 +196,7 @@ class Recipe(_Strict):
     @field_validator("paradigm")
     @classmethod
     def _implemented(cls, value: str) -> str:
-        if value not in IMPLEMENTED_PARADIGMS:
-            raise ValueError(f"paradigm {value!r} is not implemented yet; implemented: "
-                             + ", ".join(IMPLEMENTED_PARADIGMS))
-        return value
+        return _require_implemented(value, IMPLEMENTED_PARADIGMS, "paradigm")
 
     @field_validator("schedule")
     @classmethod

@@ -172,3 +172,16 @@ def moto_server() -> Iterator[str]:
         proc.terminate()
         proc.wait(timeout=10)
         os.environ.pop("AIRFLOW_CONN_AWS_MOTO", None)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[dict[str, Any]]:
+    """A local Ray head on 127.0.0.1 for one test module; afterwards not one of its processes is left."""
+    from posttrain.hooks.ray import LocalRayCluster
+
+    info = LocalRayCluster.start(num_cpus=3)
+    try:
+        yield info
+    finally:
+        LocalRayCluster.stop(info)
+    assert LocalRayCluster.processes(info) == []

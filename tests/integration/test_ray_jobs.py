@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -16,13 +15,8 @@ from posttrain.triggers.ray import RayJobTrigger
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[dict[str, Any]]:
-    info = LocalRayCluster.start(num_cpus=2)
-    try:
-        yield info
-    finally:
-        LocalRayCluster.stop(info)
-    assert LocalRayCluster.processes(info) == []
+def cluster(ray_cluster: dict) -> dict:
+    return ray_cluster
 
 
 def run_trigger(trigger: RayJobTrigger) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -48,13 +47,8 @@ def new_workspace(root: Path, recipe) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[dict]:
-    info = LocalRayCluster.start(num_cpus=3)
-    try:
-        yield info
-    finally:
-        LocalRayCluster.stop(info)
-    assert LocalRayCluster.processes(info) == []
+def cluster(ray_cluster: dict) -> dict:
+    return ray_cluster
 
 
 def wait_for(path: Path, hook: RayJobHook, job: str, timeout: float = 240) -> None:

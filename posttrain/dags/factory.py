@@ -60,7 +60,8 @@ def build_dag(recipe: Recipe, recipe_path: str | Path) -> DAG:
                                     deferrable=True)
         promote = PromoteOperator(task_id="promote", workspace=ws, storage_conn_id=conn,
                                   outlets=[champion_asset(recipe)])
-        teardown = RayClusterTeardownOperator(task_id="ray_cluster_teardown", workspace=ws, storage_conn_id=conn)
+        teardown = RayClusterTeardownOperator(task_id="ray_cluster_teardown", workspace=ws, cluster=cluster.output,
+                                              storage_conn_id=conn)
         validate >> prepare >> cluster >> train >> evaluate >> [promote, teardown]
         # A teardown that fails (a head left running) fails the run, so nobody misses a leak.
         teardown.as_teardown(setups=cluster, on_failure_fail_dagrun=True)

@@ -33,19 +33,30 @@ class RayClusterOperator(PosttrainOperator):
 
 
 class RayClusterTeardownOperator(PosttrainOperator):
-    """Teardown task: stops what the setup task started. Reads the cluster from the workspace, so
-    it works even when the setup task failed half way (then there may be nothing to stop)."""
+    """Teardown task: stops what the setup task started. The cluster comes from the setup task's
+    XCom, or, when that is gone, from the workspace's cluster.json (a deleted workspace must not
+    leave a head running, and neither may a lost XCom)."""
 
+    template_fields = ("workspace", "cluster")
     ui_color = "#fce8e6"
+
+    def __init__(self, *, cluster: dict[str, Any] | str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.cluster = cluster
+
+    def _cluster_info(self) -> dict[str, Any] | None:
+        if isinstance(self.cluster, dict) and self.cluster:
+            return self.cluster
+        uri = f"{self.workspace}/cluster.json"
+        return self.storage.read_json(uri) if self.workspace and self.storage.exists(uri) else None
 
     def execute(self, context: Any) -> dict[str, Any]:
         from posttrain.hooks.ray import LocalRayCluster
 
-        uri = f"{self.workspace}/cluster.json"
-        if not self.workspace or not self.storage.exists(uri):
+        info = self._cluster_info()
+        if info is None:
             self.log.info("no cluster was started for this run; nothing to tear down")
             return {"stopped": 0}
-        info = self.storage.read_json(uri)
         if info["provider"] != "local":
             self.log.info("cluster %s is not ours to stop", info.get("ray_conn_id"))
             return {"stopped": 0}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.hooks.ray import LocalRayCluster
-from tests.conftest import run_recipe, task_states, workspace_of, write_recipe
+from tests.conftest import run_dag_file, run_recipe, task_states, workspace_of, write_recipe
 
 
 @pytest.mark.usefixtures("airflow_db")
@@ -35,3 +35,20 @@ def test_training_failure_still_tears_the_head_down(tmp_path: Path, tiny_model: 
     text = out.out + out.err
     assert "Ray job posttrain-posttrain__train-fails" in text and "FAILED" in text
     assert "--- last lines of the job log ---" in text and "config.json" in text
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_teardown_finds_the_head_without_the_workspace(tmp_path: Path) -> None:
+    """The setup task's XCom is enough: a head is stopped even if the run workspace was deleted."""
+    info = LocalRayCluster.start(num_cpus=1)
+    try:
+        source = ("from datetime import datetime\nfrom airflow.sdk import DAG\n"
+                  "from posttrain.operators.ray_cluster import RayClusterTeardownOperator\n"
+                  "with DAG('teardown_only', schedule=None, start_date=datetime(2024, 1, 1)) as dag:\n"
+                  f"    RayClusterTeardownOperator(task_id='down', workspace={str(tmp_path / 'gone')!r}, "
+                  f"cluster={info!r})\n")
+        run = run_dag_file(source, "teardown_only")
+        assert task_states(run)["down"] == "success"
+        assert LocalRayCluster.processes(info) == []
+    finally:
+        LocalRayCluster.stop(info)

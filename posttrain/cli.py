@@ -1,4 +1,4 @@
-"""`posttrain validate | render | run | tiny-model | sample-data`.
+"""`posttrain validate | render | plan | run | tiny-model | sample-data`.
 
 Airflow reads its configuration when first imported, so `run` sets up the environment (Airflow
 home, dags folder, SQLite) before importing anything from airflow.
@@ -41,6 +41,27 @@ def cmd_render(args: argparse.Namespace) -> int:
         downstream = ", ".join(sorted(task.downstream_task_ids)) or "-"
         print(f"  {task.task_id}{role} [{type(task).__name__}] -> {downstream}")
     print("params: " + json.dumps({k: dag.params[k] for k in dag.params}))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from posttrain.recipe import local_path
+    from posttrain.training_lib.parallel.estimate import plan_report
+
+    recipe = load_recipe(args.recipe)
+    if not recipe.model.base.startswith("file://"):
+        print(f"{args.recipe}: model.base: plan reads the model's config.json from a local path, got "
+              f"{recipe.model.base}", file=sys.stderr)
+        return 1
+    config = local_path(recipe.model.base) / "config.json"
+    report = plan_report(recipe, config, device="cuda" if recipe.compute.gpus_per_worker else "cpu")
+    print(json.dumps(report, indent=2))
+    if report.get("fits") is False:
+        print(f"{args.recipe}: compute.memory_per_worker_gib: the plan needs about "
+              f"{report['total_gib_per_device']} GiB per worker, the budget is {report['memory_per_worker_gib']} GiB "
+              f"({json.dumps(report['gib'])}); use more workers, LoRA, activation checkpointing, a smaller "
+              "micro_batch_size or max_seq_len", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -119,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print the task graph a recipe becomes")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_render)
+    p = sub.add_parser("plan", help="print the training plan and the memory estimate per device")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("run", help="run a recipe's DAG locally with dag.test()")
     p.add_argument("recipe")
     p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",

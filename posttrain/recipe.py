@@ -138,6 +138,7 @@ class ComputeConfig(_Strict):
     cpus_per_worker: int = Field(1, ge=1)
     ray_conn_id: str = "ray_default"
     startup_timeout_s: int = Field(120, ge=10)
+    memory_per_worker_gib: float | None = Field(None, gt=0)  # device memory budget `posttrain plan` checks
 
     @field_validator("provider")
     @classmethod

@@ -4,8 +4,7 @@ devices, before the model is built; the recipe's explicit settings override `aut
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import Any
 
 from posttrain.recipe import Recipe
 
@@ -20,21 +19,31 @@ class Plan:
     world_size: int
 
     @property
-    def torch_param_dtype(self) -> torch.dtype:
+    def torch_param_dtype(self) -> Any:
+        import torch
+
         return getattr(torch, self.param_dtype)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def make_plan(recipe: Recipe, world_size: int, device: str) -> Plan:
+def choose_plan(recipe: Recipe, world_size: int, device: str, bf16_capable: bool) -> Plan:
+    """The decisions, as a pure function (`posttrain plan` calls it without torch or a GPU)."""
     t = recipe.training
     strategy = "fsdp" if t.sharding in ("auto", "fsdp") else t.sharding
-    bf16_ok = device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if t.precision == "bf16" and not bf16_ok:
+    if t.precision == "bf16" and not bf16_capable:
         raise ValueError(f"training.precision bf16 needs a GPU with bf16 support; this worker has {device}")
-    precision = "bfloat16" if t.precision == "bf16" or (t.precision == "auto" and bf16_ok) else "float32"
+    precision = "bfloat16" if t.precision == "bf16" or (t.precision == "auto" and bf16_capable) else "float32"
     # Checkpointing trades compute for memory: worth it on accelerators, not for CPU-sized models.
     ac = t.activation_checkpointing if isinstance(t.activation_checkpointing, bool) else device == "cuda"
     return Plan(strategy=strategy, device=device, param_dtype=precision, activation_checkpointing=ac,
                 compile=t.compile, world_size=world_size)
+
+
+def make_plan(recipe: Recipe, world_size: int, device: str) -> Plan:
+    """The plan for the devices this worker actually has."""
+    import torch
+
+    bf16 = device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return choose_plan(recipe, world_size, device, bf16)

@@ -1,0 +1,106 @@
+"""Memory per device, estimated from the model's config.json and the recipe before anything runs.
+
+Pure Python (no torch), so `posttrain plan` answers in a blink. The figures are estimates of the
+big terms, meant to catch "this will not fit" before a cluster is paid for, not to the megabyte:
+- weights, gradients and AdamW moments, sharded over the data-parallel ranks by FSDP (whole on
+  every rank for DDP); FSDP keeps float32 master weights and gathers one block at a time in the
+  compute dtype (two in flight with prefetch);
+- activations of one micro-batch (all layers, or one layer plus the block inputs when activation
+  checkpointing recomputes the rest);
+- one chunk of the chunked cross-entropy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from posttrain.recipe import Recipe
+from posttrain.training_lib.parallel.plan import choose_plan
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict, pad_vocab_to: int = 1) -> ModelShape:
+        heads = config["num_attention_heads"]
+        vocab = -(-config["vocab_size"] // pad_vocab_to) * pad_vocab_to
+        return cls(vocab=vocab, hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
+                   kv_heads=config.get("num_key_value_heads") or heads,
+                   head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                   intermediate=config["intermediate_size"], tied=bool(config.get("tie_word_embeddings")))
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one decoder block (Llama family)."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, self.intermediate), "up_proj": (h, self.intermediate),
+                "down_proj": (self.intermediate, h)}
+
+    def block_params(self) -> int:
+        return sum(i * o for i, o in self.projections().values()) + 2 * self.hidden  # + two norms
+
+    def params(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * self.block_params() + embeddings + self.hidden
+
+
+def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
+    return shape.layers * sum(rank * (i + o) for name, (i, o) in shape.projections().items() if name in targets)
+
+
+def estimate(recipe: Recipe, shape: ModelShape, world: int, compute_bytes: int, activation_checkpointing: bool,
+             strategy: str) -> dict:
+    t = recipe.training
+    total = shape.params()
+    trainable = lora_params(shape, recipe.model.lora.rank, recipe.model.lora.target_modules) \
+        if recipe.model.lora else total
+    shards = world if strategy == "fsdp" else 1
+    # float32 master weights (+ LoRA adapters), float32 grads and two AdamW moments for what trains.
+    states = (4 * (total + (trainable if recipe.model.lora else 0)) + 4 * trainable + 8 * trainable) / shards
+    gathered = 2 * shape.block_params() * compute_bytes if strategy == "fsdp" else 0
+    tokens = t.micro_batch_size * recipe.data.max_seq_len
+    # Per layer: ~34 hidden-sized and 3 intermediate-sized tensors per token live for backward.
+    per_layer = tokens * compute_bytes * (34 * shape.hidden + 3 * shape.intermediate)
+    activations = (shape.layers * tokens * shape.hidden * compute_bytes + per_layer) if activation_checkpointing \
+        else shape.layers * per_layer
+    loss_chunk = 2 * min(t.loss_chunk_tokens, tokens) * shape.vocab * 4
+    parts = {"weights_grads_optimizer": states, "gathered_blocks": gathered, "activations": activations,
+             "loss_chunk": loss_chunk}
+    return {
+        "params": total, "trainable_params": trainable, "world_size": world, "strategy": strategy,
+        "bytes": {k: int(v) for k, v in parts.items()},
+        "gib": {k: round(v / GIB, 3) for k, v in parts.items()},
+        "total_gib_per_device": round(sum(parts.values()) / GIB, 3),
+    }
+
+
+def plan_report(recipe: Recipe, config_path: Path, device: str = "cpu") -> dict:
+    """The plan `posttrain plan` prints: strategy and precision as the job will choose them on
+    `device`, the model's shape, and the memory estimate per device (with the budget, if the
+    recipe gives one)."""
+    shape = ModelShape.from_config(json.loads(config_path.read_text()), recipe.model.pad_vocab_to_multiple_of)
+    c = recipe.compute
+    # Assumes a GPU worker is bf16-capable (Ampere or newer); the job re-checks on the real device.
+    plan = choose_plan(recipe, c.workers, device, bf16_capable=device == "cuda")
+    compute_bytes = 2 if plan.param_dtype == "bfloat16" else 4
+    report = {
+        **plan.as_dict(), "model": asdict(shape),
+        **estimate(recipe, shape, c.workers, compute_bytes, plan.activation_checkpointing, plan.strategy),
+    }
+    if c.memory_per_worker_gib is not None:
+        report["memory_per_worker_gib"] = c.memory_per_worker_gib
+        report["fits"] = report["total_gib_per_device"] <= c.memory_per_worker_gib
+    return report

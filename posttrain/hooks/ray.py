@@ -184,9 +184,12 @@ class LocalRayCluster:
         # Output goes to a file, not a pipe: the daemons `ray start` leaves behind inherit its
         # stdout, and a pipe would stay open until they exit.
         log_path = temp_dir / "ray-start.log"
-        with log_path.open("w") as log:
-            code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  timeout=timeout).returncode
+        try:
+            with log_path.open("w") as log:
+                code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"none: still starting after {timeout:.0f}s"
         if code != 0:
             output = log_path.read_text()[-3000:]
             cls.stop(info)

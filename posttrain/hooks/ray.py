@@ -24,6 +24,13 @@ from airflow.sdk import BaseHook
 from posttrain.paths import cache_env, posttrain_home
 
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+LOG_TAIL_LINES = 40
+
+
+def job_outcome(job_id: str, job: dict, logs: str) -> dict[str, Any]:
+    """What a finished job reports to its task: status, message and the last lines of its log."""
+    return {"status": job["status"], "job_id": job_id, "message": job.get("message") or "",
+            "log_tail": "\n".join(logs.splitlines()[-LOG_TAIL_LINES:])}
 
 
 class RayJobError(RuntimeError):

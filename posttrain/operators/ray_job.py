@@ -60,7 +60,7 @@ class RayJobOperator(PosttrainOperator):
         return self.execute_complete(context, self._wait(hook))
 
     def _wait(self, hook: Any) -> dict[str, Any]:
-        from posttrain.hooks.ray import TERMINAL_STATES
+        from posttrain.hooks.ray import TERMINAL_STATES, job_outcome
 
         deadline, seen = time.monotonic() + self.timeout_s, 0
         while True:
@@ -69,8 +69,7 @@ class RayJobOperator(PosttrainOperator):
                 self.log.info("[ray job %s] %s", self.job_id, line)
             seen = len(logs)
             if job["status"] in TERMINAL_STATES:
-                return {"status": job["status"], "job_id": self.job_id, "message": job.get("message") or "",
-                        "log_tail": "\n".join(logs.splitlines()[-40:])}
+                return job_outcome(self.job_id, job, logs)
             if time.monotonic() > deadline:
                 hook.stop_job(self.job_id)
                 raise RayJobFailed(f"Ray job {self.job_id} did not finish within {self.timeout_s:.0f}s; stopped it")

@@ -12,9 +12,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from posttrain.hooks.ray import TERMINAL_STATES, RayJobHook
-
-LOG_TAIL_LINES = 40
+from posttrain.hooks.ray import TERMINAL_STATES, RayJobHook, job_outcome
 
 
 class RayJobTrigger(BaseTrigger):
@@ -45,9 +43,6 @@ class RayJobTrigger(BaseTrigger):
                 self.log.info("[ray job %s] %s", self.job_id, line)
             seen = len(logs)
             if job.get("status") in TERMINAL_STATES:
-                yield TriggerEvent({
-                    "status": job["status"], "job_id": self.job_id, "message": job.get("message") or "",
-                    "log_tail": "\n".join(logs.splitlines()[-LOG_TAIL_LINES:]),
-                })
+                yield TriggerEvent(job_outcome(self.job_id, job, logs))
                 return
             await asyncio.sleep(self.poll_interval)

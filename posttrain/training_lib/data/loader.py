@@ -8,6 +8,7 @@ all a resume needs: the order of an epoch is a pure function of (seed, epoch).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class PackedLoader:
         per_step = world_size * micro_batch_size
         self.batches_per_epoch = max(1, self.num_blocks // per_step)
 
+    @functools.lru_cache(maxsize=1)  # noqa: B019 - one epoch's order, reused by all its batches
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.num_blocks, generator=g)

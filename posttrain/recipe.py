@@ -125,9 +125,11 @@ class TrainingConfig(_Strict):
     def _length(self) -> TrainingConfig:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set max_steps or epochs")
-        if self.sharding == "fsdp_tp" or self.tensor_parallel > 1:
-            raise ValueError("tensor parallel (sharding: fsdp_tp, tensor_parallel > 1) is not implemented yet; "
-                             "use sharding: auto | ddp | fsdp")
+        if self.sharding == "fsdp_tp" and self.tensor_parallel < 2:
+            raise ValueError("sharding 'fsdp_tp' needs tensor_parallel ≥ 2 (the tensor-parallel degree)")
+        if self.tensor_parallel > 1 and self.sharding in ("ddp", "fsdp"):
+            raise ValueError(f"tensor_parallel {self.tensor_parallel} needs sharding 'fsdp_tp' (or 'auto'), "
+                             f"got {self.sharding!r}")
         return self
 
 
@@ -174,7 +176,8 @@ class StorageConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    mlflow_uri: str | None = None
+    mlflow_uri: str | None = None  # default: sqlite:///<storage root>/<recipe name>/mlflow.db
+    peak_tflops: float | None = Field(None, gt=0)  # device peak for MFU; default: a table of known GPUs
 
 
 class Recipe(_Strict):
@@ -215,6 +218,13 @@ class Recipe(_Strict):
             raise ValueError("schedule and trigger_on_assets are exclusive: a DAG runs on a timetable or on assets")
         if self.paradigm == "sft" and self.data.format != "chat":
             raise ValueError(f"paradigm 'sft' needs data.format 'chat', got {self.data.format!r}")
+        tp = self.training.tensor_parallel
+        if tp > 1 and self.compute.workers % tp:
+            raise ValueError(f"training.tensor_parallel {tp} does not divide compute.workers "
+                             f"{self.compute.workers}: each tensor-parallel group is {tp} workers")
+        if tp > 1 and self.model.lora is not None:
+            raise ValueError("tensor parallel with LoRA is not implemented yet; use sharding fsdp (FSDP2 shards "
+                             "the frozen base) or drop model.lora")
         if not self.data.eval:
             raise ValueError("data.eval is required: evaluation and promotion compare models on an eval split")
         if self.promotion.metric not in self.evaluation.metrics:

@@ -1,7 +1,13 @@
-"""Loading the base model for training: Hugging Face weights, vocabulary padding, LoRA adapters."""
+"""Loading the base model: Hugging Face weights, vocabulary padding, LoRA adapters.
+
+Training builds the model on the meta device (`build_on_meta`) and each rank loads only its shard
+after parallelizing (see sharded_load.py); `load_for_training` loads the whole model in one process
+(the reference the logit verifier compares against, and single-process tools).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +20,16 @@ def model_location(uri: str) -> str:
     if uri.startswith("hf://"):
         return uri.removeprefix("hf://")
     return str(local_path(uri))
+
+
+def model_dir(uri: str) -> Path:
+    """The local folder with the model's safetensors (hf:// names resolve through the HF cache,
+    which holds the files in production images; nothing is fetched when HF_HUB_OFFLINE is set)."""
+    if uri.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(uri.removeprefix("hf://"), allow_patterns=["*.json", "*.safetensors"]))
+    return local_path(uri)
 
 
 def pad_vocab(model: torch.nn.Module, multiple: int) -> None:
@@ -52,3 +68,32 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The repeated transformer blocks (the unit of sharding and checkpointing)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model.layers
+
+
+def padded_config(recipe: Recipe, attention: str | None = None) -> Any:
+    """The base model's config with the vocabulary padded to the recipe's multiple, and the
+    attention backend (default: ours, per-document SDPA)."""
+    from transformers import AutoConfig
+
+    from posttrain.training_lib.models.attention import register
+
+    config = AutoConfig.from_pretrained(model_location(recipe.model.base))
+    multiple = recipe.model.pad_vocab_to_multiple_of
+    config.vocab_size = -(-config.vocab_size // multiple) * multiple
+    config.use_cache = False
+    config._attn_implementation = attention or register()
+    return config
+
+
+def build_on_meta(recipe: Recipe, dtype: torch.dtype = torch.float32, attention: str | None = None) -> torch.nn.Module:
+    """The model (with LoRA adapters if the recipe has them) with every parameter on the meta
+    device: no memory until each rank materializes its own shard. Buffers (rotary frequencies)
+    are computed for real; they are tiny."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(padded_config(recipe, attention), dtype=dtype)
+        if recipe.model.lora is not None:
+            model = apply_lora(model, recipe)
+    return model

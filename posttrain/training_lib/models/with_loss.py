@@ -27,9 +27,14 @@ class CausalLMWithLoss(torch.nn.Module):
         self.lm = lm
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed loss over the labelled tokens; without labels, the full logits (for the logit
+        verifier and small checks only: that is the [tokens × vocab] tensor training avoids)."""
         # Packed blocks: no attention mask, documents come from the restarting position ids.
         base = base_model(self.lm)
         check_isolates_documents(base)
         hidden = base.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        if labels is None:
+            return hidden @ base.lm_head.weight.t()
         return chunked_cross_entropy(hidden, base.lm_head.weight, labels, self.chunk_tokens)

@@ -1,19 +1,47 @@
-"""Apply the plan to a plain model, in torchtitan's order: activation checkpointing → compile →
-FSDP2 (each decoder block, then the root). Checkpoint wrappers go on before compile so the
-compiled region includes the recompute; FSDP goes last so its hooks wrap the compiled blocks
-and every block's parameters are gathered just in time. (Tensor parallel, which would come
-first, is not implemented yet.)"""
+"""Apply the plan to a plain model, in torchtitan's order: tensor parallel → activation
+checkpointing → compile → FSDP2 (each decoder block, then the root).
+
+TP goes first because it rewrites the linear layers' parameters into DTensors sharded over the
+`tp` mesh dimension; checkpoint wrappers go on before compile so the compiled region includes the
+recompute; FSDP goes last so its hooks wrap the compiled blocks, shard what TP left over the `dp`
+dimension, and gather every block's parameters just in time.
+
+`build_parallel_model` does it on the meta device and then lets each rank load only its shard.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
-from posttrain.training_lib.models.loading import decoder_layers
+from posttrain.recipe import Recipe
+from posttrain.training_lib.models.loading import build_on_meta, decoder_layers, model_dir
+from posttrain.training_lib.models.sharded_load import LoadReport, materialize
+from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 from posttrain.training_lib.parallel.plan import Plan
+
+# Megatron-style split of a Llama block: column-parallel into the heads / MLP features, row-parallel
+# back out (one all-reduce per attention and per MLP). Inputs and outputs of the block stay
+# replicated, so norms, embeddings and the output projection are untouched by TP.
+LLAMA_TP_PLAN = {
+    "self_attn.q_proj": ColwiseParallel, "self_attn.k_proj": ColwiseParallel, "self_attn.v_proj": ColwiseParallel,
+    "self_attn.o_proj": RowwiseParallel,
+    "mlp.gate_proj": ColwiseParallel, "mlp.up_proj": ColwiseParallel, "mlp.down_proj": RowwiseParallel,
+}
+
+
+def make_mesh(plan: Plan, device: str) -> DeviceMesh:
+    """("dp", "tp") mesh; tp is the inner dimension so a TP group is neighbouring ranks (one node)."""
+    return init_device_mesh(device, (plan.data_parallel, plan.tensor_parallel), mesh_dim_names=("dp", "tp"))
+
+
+def _apply_tp(layers: torch.nn.ModuleList, tp_mesh: DeviceMesh) -> None:
+    for layer in layers:
+        parallelize_module(layer, tp_mesh, {name: style() for name, style in LLAMA_TP_PLAN.items()})
 
 
 def _apply_activation_checkpointing(layers: torch.nn.ModuleList) -> None:
@@ -26,20 +54,37 @@ def _apply_compile(layers: torch.nn.ModuleList) -> None:
         layer.compile()
 
 
-def _apply_fsdp(model: torch.nn.Module, layers: torch.nn.ModuleList, mesh: DeviceMesh, plan: Plan) -> None:
+def _apply_fsdp(model: torch.nn.Module, layers: torch.nn.ModuleList, dp_mesh: DeviceMesh, plan: Plan) -> None:
     mp = MixedPrecisionPolicy(param_dtype=plan.torch_param_dtype, reduce_dtype=torch.float32)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 
 def parallelize(model: torch.nn.Module, plan: Plan, mesh: DeviceMesh) -> torch.nn.Module:
     layers = decoder_layers(getattr(model, "lm", model))
+    if plan.tensor_parallel > 1:
+        _apply_tp(layers, mesh["tp"])
     if plan.activation_checkpointing:
         _apply_activation_checkpointing(layers)
     if plan.compile:
         _apply_compile(layers)
-    if plan.strategy == "fsdp":
-        _apply_fsdp(model, layers, mesh, plan)
+    if plan.strategy in ("fsdp", "fsdp_tp"):
+        _apply_fsdp(model, layers, mesh["dp"], plan)
         return model
     return DistributedDataParallel(model)
+
+
+def build_parallel_model(recipe: Recipe, plan: Plan, mesh: DeviceMesh) -> tuple[torch.nn.Module, LoadReport]:
+    """The training model: built on the meta device, parallelized, then each rank allocates and
+    reads only its own shards. DDP replicates, so every rank loads everything there."""
+    # Compiled blocks get transformers' SDPA with the packed-document mask built once per batch
+    # outside the blocks: our per-document attention splits on the data (a graph break), and a
+    # break inside a checkpointed block makes dynamo give up on the whole block.
+    attention = "sdpa" if plan.compile else None
+    model = CausalLMWithLoss(build_on_meta(recipe, attention=attention), recipe.training.loss_chunk_tokens)
+    if plan.strategy == "ddp":
+        report = materialize(model, plan.device, model_dir(recipe.model.base), recipe.training.seed)
+        return parallelize(model, plan, mesh), report
+    model = parallelize(model, plan, mesh)
+    return model, materialize(model, plan.device, model_dir(recipe.model.base), recipe.training.seed)

@@ -18,14 +18,12 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     from posttrain.training_lib import checkpoint
     from posttrain.training_lib.export import export
-    from posttrain.training_lib.metrics import StepLogger
-    from posttrain.training_lib.models.loading import load_for_training
-    from posttrain.training_lib.models.with_loss import CausalLMWithLoss
-    from posttrain.training_lib.parallel.parallelize import parallelize
+    from posttrain.training_lib.grad_clip import clip_grad_norm
+    from posttrain.training_lib.metrics import make_step_logger
+    from posttrain.training_lib.parallel.parallelize import build_parallel_model, make_mesh
     from posttrain.training_lib.parallel.plan import make_plan
     from posttrain.training_lib.schedule import learning_rate
 
@@ -37,13 +35,14 @@ def train_loop(config: dict) -> None:
     device = "cuda" if torch.cuda.is_available() and recipe.compute.gpus_per_worker > 0 else "cpu"
     plan = make_plan(recipe, world, device)
     torch.manual_seed(t.seed)
+    mesh = make_mesh(plan, device)
+    # Ranks of one tensor-parallel group see the same data; the data-parallel ranks split it.
+    dp_rank, dp_size, dp_group = mesh["dp"].get_local_rank(), plan.data_parallel, mesh["dp"].get_group()
 
-    loader, blocks_per_epoch = make_loader(recipe, workspace, rank, world)
+    loader, blocks_per_epoch = make_loader(recipe, workspace, dp_rank, dp_size)
     max_steps = t.max_steps or t.epochs * max(1, blocks_per_epoch // (t.micro_batch_size * t.grad_accum))
 
-    model = CausalLMWithLoss(load_for_training(recipe), t.loss_chunk_tokens).to(device)
-    mesh = init_device_mesh(device, (world,))
-    model = parallelize(model, plan, mesh)
+    model, load_report = build_parallel_model(recipe, plan, mesh)  # each rank reads only its shards
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
 
@@ -57,8 +56,9 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         print(f"plan: {json.dumps(plan.as_dict())}; {sum(p.numel() for p in trainable)} trainable parameters "
               f"on {world} workers; ~{blocks_per_epoch} blocks of {recipe.data.max_seq_len} tokens per epoch "
-              f"({recipe.data.packing.mode} packing)", flush=True)
-    logger = StepLogger(workspace / "train" / "metrics.jsonl", enabled=rank == 0, total_steps=max_steps)
+              f"({recipe.data.packing.mode} packing); rank 0 read {load_report.bytes_read / 2**20:.1f} MiB of the "
+              f"{load_report.full_bytes / 2**20:.1f} MiB model", flush=True)
+    logger = make_step_logger(recipe, workspace, rank, world, device, max_steps, plan.as_dict(), start_step=step)
 
     model.train()
     while step < max_steps:
@@ -68,24 +68,24 @@ def train_loop(config: dict) -> None:
             group["lr"] = lr
         micro = [{k: v.to(device) for k, v in loader.next_batch().items()} for _ in range(t.grad_accum)]
         targets = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=device)
-        dist.all_reduce(targets)  # global number of target tokens in this step
+        dist.all_reduce(targets, group=dp_group)  # global number of target tokens in this step
         loss_sum = torch.zeros((), device=device)
         for batch in micro:
             loss = model(**batch)  # summed loss over the assistant tokens of the micro-batch
-            # Gradients are averaged over ranks by the data-parallel reduction, hence × world.
-            (loss * world / targets.clamp(min=1)).backward()
+            # Gradients are averaged over the data-parallel ranks by FSDP's reduction, hence × dp_size.
+            (loss * dp_size / targets.clamp(min=1)).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+        grad_norm = clip_grad_norm(trainable, t.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum)
-        tokens = int(sum(b["input_ids"].numel() for b in micro)) * world
+        dist.all_reduce(loss_sum, group=dp_group)
+        tokens = int(sum(b["input_ids"].numel() for b in micro)) * dp_size
         if step % t.log_every == 0 or step == max_steps:
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            logger.log(step, float(loss_sum / targets.clamp(min=1)), lr, float(grad_norm), tokens)
+            logger.log(step, float(loss_sum / targets.clamp(min=1)), lr, grad_norm, tokens)
         if step % t.checkpoint_every == 0 or step == max_steps:
             checkpoint.save(ckpt_root, step, model, optimizer, loader.state_dict(), rank, t.keep_checkpoints)
 
+    logger.close()  # ends the MLflow run (rank 0) with the summary of the metrics
     model_dir = export(model, recipe, workspace, rank)
     if rank == 0:
         (workspace / "train" / "summary.json").write_text(json.dumps(
@@ -111,15 +111,11 @@ def make_loader(recipe: Recipe, workspace: Path, rank: int, world: int) -> tuple
 
 
 def summarize(workspace: Path, model_dir: Path | None, plan: dict, max_steps: int) -> dict:
-    from posttrain.training_lib.metrics import read_metrics
+    from posttrain.training_lib.metrics import read_metrics, summarize_rows
 
-    rows = read_metrics(workspace / "train" / "metrics.jsonl")
     return {
         "steps": max_steps,
-        "first_loss": rows[0]["loss"] if rows else None,
-        "last_loss": rows[-1]["loss"] if rows else None,
-        "tokens": sum(r["tokens"] for r in rows),
-        "mean_tokens_per_s": round(sum(r["tokens_per_s"] or 0 for r in rows) / len(rows), 1) if rows else None,
+        **summarize_rows(read_metrics(workspace / "train" / "metrics.jsonl")),
         "model_dir": str(model_dir) if model_dir else None,
         "plan": plan,
     }

@@ -1,0 +1,158 @@
+"""Each rank reads only its own shard of the base model from the safetensors files.
+
+The model is built on the meta device (parameters without storage), parallelized (tensor parallel
+and FSDP2 turn every parameter into a DTensor whose local shape is this rank's shard), then
+`materialize` allocates the local shards only (`to_empty`) and fills them with slices read straight
+from the files (`safe_open(...).get_slice` reads just the requested rows/columns). No rank ever
+holds the whole model. Parameters the checkpoint does not have (LoRA adapters, vocabulary padding
+rows) are initialised from the seed and the parameter's name, so every rank and every world size
+gets the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+# Prefixes and infixes that wrappers add to parameter names; none of them is in the HF checkpoint.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+class ShardLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadReport:
+    """What one rank did: the bytes it read from the files and holds, against the model's size."""
+    tensors_read: int = 0
+    bytes_read: int = 0
+    local_bytes: int = 0
+    full_bytes: int = 0
+    initialized: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"tensors_read": self.tensors_read, "bytes_read": self.bytes_read, "local_bytes": self.local_bytes,
+                "full_bytes": self.full_bytes, "initialized": len(self.initialized)}
+
+
+def checkpoint_name(param_name: str) -> str:
+    """The HF checkpoint key of a (wrapped) model's parameter: drop our loss wrapper's `lm.`, PEFT's
+    `base_model.model.` and `.base_layer`, and the checkpoint/compile/FSDP wrapper infixes."""
+    name = param_name.removeprefix("lm.")
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def safetensors_index(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint key → the file holding it (single file or sharded with an index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: model_dir / v for k, v in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.exists():
+        raise ShardLoadError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as fh:
+        return {k: single for k in fh.keys()}
+
+
+def local_region(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(this rank's local tensor, its shape, its offset in the global tensor)."""
+    if isinstance(param, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        return param.to_local(), tuple(shape), tuple(offset)
+    return param, tuple(param.shape), (0,) * param.dim()
+
+
+def _seeded_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Full initial value of a parameter the checkpoint lacks: LoRA B zeros (the adapter starts as a
+    no-op), LoRA A as nn.Linear initialises (kaiming-uniform, a=√5). Small tensors only."""
+    if ".lora_B." in name or "lora_embedding_B" in name:
+        return torch.zeros(shape)
+    if ".lora_A." in name or "lora_embedding_A" in name:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        bound = 1.0 / math.sqrt(shape[-1])
+        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    raise ShardLoadError(f"parameter {name!r} is neither in the checkpoint nor an adapter; "
+                         "the checkpoint does not match the model config")
+
+
+def load_shards(model: torch.nn.Module, model_dir: Path, seed: int) -> LoadReport:
+    """Fill every parameter's local shard in place from the checkpoint (after `to_empty`)."""
+    from safetensors import safe_open
+
+    index = safetensors_index(model_dir)
+    report = LoadReport()
+    handles: dict[Path, object] = {}
+    try:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                local, shape, offset = local_region(param)
+                report.local_bytes += local.numel() * local.element_size()
+                report.full_bytes += param.numel() * param.element_size()
+                if local.numel() == 0:
+                    continue
+                key = checkpoint_name(name)
+                if key == "lm_head.weight" and key not in index:  # tied: stored once, as the embedding
+                    key = "model.embed_tokens.weight"
+                region = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+                if key not in index:
+                    local.copy_(_seeded_init(key, tuple(param.shape), seed)[region])
+                    report.initialized.append(key)
+                    continue
+                path = index[key]
+                if path not in handles:
+                    handles[path] = safe_open(str(path), framework="pt").__enter__()
+                stored = handles[path].get_slice(key)
+                _copy_region(local, stored, key, tuple(param.shape), offset, shape, report)
+                report.tensors_read += 1
+    finally:
+        for fh in handles.values():
+            fh.__exit__(None, None, None)
+    return report
+
+
+def _copy_region(local: torch.Tensor, stored: object, key: str, full_shape: tuple[int, ...],
+                 offset: tuple[int, ...], shape: tuple[int, ...], report: LoadReport) -> None:
+    """Read the overlap of this rank's region with the stored tensor; rows past the stored ones
+    (the vocabulary padded to a multiple) start at zero."""
+    stored_shape = tuple(stored.get_shape())
+    if stored_shape[1:] != full_shape[1:] or stored_shape[0] > full_shape[0]:
+        raise ShardLoadError(f"{key}: checkpoint shape {list(stored_shape)} does not fit the model's "
+                             f"{list(full_shape)}")
+    local.zero_()
+    rows = min(offset[0] + shape[0], stored_shape[0]) - offset[0]
+    if rows <= 0:
+        return
+    read = (slice(offset[0], offset[0] + rows),) + tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:],
+                                                                                       strict=True))
+    values = stored[read]
+    local[:rows].copy_(values)
+    report.bytes_read += values.numel() * values.element_size()
+
+
+def materialize(model: torch.nn.Module, device: str, model_dir: Path, seed: int) -> LoadReport:
+    """Allocate this rank's shards on `device` and load them. Buffers (rotary frequencies) were
+    built for real on the CPU and survive `to_empty`, which would otherwise leave them garbage."""
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[name])
+    report = load_shards(model, model_dir, seed)
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise ShardLoadError(f"still on the meta device after loading: {left[:5]}")
+    return report

@@ -1,0 +1,114 @@
+"""MLflow tracking of a training job: one run per workspace, params at the start, metrics per step.
+
+Tracking is a side channel: the first MLflow error prints one warning and turns tracking off for
+the job, so a bad URI or a tracking server that is down never stops training (metrics.jsonl in the
+workspace is still written). mlflow is imported only here, and only when a run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from posttrain.recipe import Recipe, local_path
+
+MAX_PARAM_CHARS = 500  # what every MLflow server accepts (newer ones take 6000)
+
+
+def tracking_uri(recipe: Recipe, workspace: Path) -> str:
+    """The recipe's tracking URI, else a SQLite file: `<storage root>/<recipe>/mlflow.db` for a
+    file:// root (one database per recipe, its runs side by side). SQLite needs a filesystem with
+    locks, so it can't live on S3: for an s3:// root the file goes in the run's (local) workspace."""
+    if recipe.tracking.mlflow_uri:
+        return recipe.tracking.mlflow_uri
+    if recipe.storage.root.startswith("s3://"):
+        return f"sqlite:///{workspace.resolve() / 'train' / 'mlflow.db'}"
+    return f"sqlite:///{local_path(recipe.storage.root).resolve() / recipe.name / 'mlflow.db'}"
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts as dotted keys with string values (lists and None as JSON), as MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = re.sub(r"[^\w./ -]", "_", f"{prefix}{key}")
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[name] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+class MlflowRun:
+    """The job's MLflow run. A job that resumes in the same workspace (a retried task, a restarted
+    worker) continues the run recorded in `run_file` rather than starting another."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_file: Path,
+                 artifact_location: str | None = None):
+        self.uri = uri
+        self.client: Any = None
+        self.run_id: str | None = None
+        self._guard(self._start, experiment, run_name, run_file, artifact_location)
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def _start(self, experiment: str, run_name: str, run_file: Path, artifact_location: str | None) -> None:
+        if self.uri.startswith(("http://", "https://")):
+            # MLflow's defaults retry a dead server for minutes before failing; training would wait.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.uri)
+        previous = json.loads(run_file.read_text()) if run_file.exists() else {}
+        if previous.get("tracking_uri") == self.uri:
+            run_id = previous["run_id"]
+            client.update_run(run_id, status="RUNNING")
+        else:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location)
+            run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+            run_file.parent.mkdir(parents=True, exist_ok=True)
+            run_file.write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
+        self.client, self.run_id = client, run_id
+
+    def _guard(self, call: Callable[..., None], *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception as exc:  # whatever MLflow raises: tracking must never stop training
+            print(f"warning: MLflow tracking ({self.uri}) is off for the rest of this job: "
+                  f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}", flush=True)
+            self.client, self.run_id = None, None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            if self.active:
+                self._guard(lambda batch: self.client.log_batch(self.run_id, params=batch), items[start:start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._guard(lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def finish(self) -> None:
+        if self.active:
+            self._guard(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+        self.client, self.run_id = None, None

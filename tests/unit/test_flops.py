@@ -1,0 +1,90 @@
+"""The FLOPs formula against FLOPs counted by torch over a real forward + backward.
+
+Attention is eager here: FlopCounterMode has no formula for the CPU flash SDPA kernel (it would
+count that attention as 0) and counts attention matmuls over the whole square whatever the mask,
+so the comparison uses the formula's `causal=False` (every query against every key of the block).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from posttrain.recipe import LoraConfig
+from posttrain.training_lib.flops import device_peak_flops, mfu, peak_tflops, training_flops
+from posttrain.training_lib.parallel.estimate import ModelShape, lora_params
+
+BATCH, SEQ = 2, 32
+
+
+def counted_flops_per_token(lora: LoraConfig | None) -> float:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # Grouped-query attention and an intermediate size that isn't a multiple of hidden: every
+    # projection has its own shape.
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if lora is not None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        model = get_peft_model(model, PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    if lora is not None:  # the frozen base got no weight gradients, the adapters did
+        assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+        assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    return counter.get_total_flops() / (BATCH * SEQ)
+
+
+SHAPE = ModelShape(vocab=256, hidden=64, layers=3, heads=4, kv_heads=2, head_dim=16, intermediate=176, tied=False)
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"],
+                                     ["k_proj", "o_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]])
+def test_formula_matches_counted_flops(targets: list[str] | None) -> None:
+    lora = LoraConfig(rank=4, target_modules=targets, dropout=0.0) if targets else None
+    counted = counted_flops_per_token(lora)
+    formula = training_flops(SHAPE, SEQ, lora, causal=False)
+    # Equal today; the tolerance leaves room for a transformers release adding a small matmul.
+    assert formula.total == pytest.approx(counted, rel=0.02)
+
+
+def test_lora_needs_weight_gradients_of_the_adapters_only() -> None:
+    full = training_flops(SHAPE, SEQ)
+    lora = LoraConfig(rank=4, target_modules=["q_proj", "v_proj"])
+    adapted = training_flops(SHAPE, SEQ, lora)
+    assert full.weight_grads == pytest.approx(2 * (SHAPE.params() - SHAPE.vocab * SHAPE.hidden
+                                                   - SHAPE.layers * 2 * SHAPE.hidden - SHAPE.hidden))
+    assert adapted.weight_grads == 2 * lora_params(SHAPE, 4, ["q_proj", "v_proj"])
+    # The backward is no longer ~2× the forward: input gradients only (plus the adapters').
+    assert adapted.backward < 1.2 * adapted.forward < full.backward
+
+
+def test_causal_attention_counts_the_keys_each_query_sees() -> None:
+    full, causal = training_flops(SHAPE, SEQ, causal=False), training_flops(SHAPE, SEQ)
+    attention_full = full.total - training_flops(SHAPE, 0, causal=False).total
+    attention_causal = causal.total - training_flops(SHAPE, 0, causal=False).total
+    assert attention_causal == pytest.approx(attention_full * (SEQ + 1) / 2 / SEQ)
+
+
+def test_peak_table_and_mfu() -> None:
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert peak_tflops("NVIDIA H100 NVL", "float32") == 60.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "float32", tf32=True) == 156.0
+    assert peak_tflops("NVIDIA A10G", "bfloat16") == peak_tflops("NVIDIA A10", "bfloat16") == 125.0
+    assert peak_tflops("NVIDIA L4", "bfloat16") == 121.0 and peak_tflops("NVIDIA L40S", "bfloat16") == 362.1
+    assert peak_tflops("Some Future GPU", "bfloat16") is None
+    assert device_peak_flops("cpu", "float32") is None
+    assert device_peak_flops("cpu", "float32", override_tflops=2.5) == 2.5e12
+    assert mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
+    assert mfu(1000.0, 6e9, None) is None

@@ -45,22 +45,19 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from posttrain.recipe import local_path
-    from posttrain.training_lib.parallel.estimate import plan_report
+    from posttrain.training_lib.parallel.estimate import check_plan, model_shape, plan_report
 
     recipe = load_recipe(args.recipe)
-    if not recipe.model.base.startswith("file://"):
-        print(f"{args.recipe}: model.base: plan reads the model's config.json from a local path, got "
-              f"{recipe.model.base}", file=sys.stderr)
+    shape = model_shape(recipe)
+    if shape is None:
+        print(f"{args.recipe}: model.base: no Llama-family config.json found for {recipe.model.base} (a local "
+              "folder, or an hf:// model already in the Hugging Face cache)", file=sys.stderr)
         return 1
-    config = local_path(recipe.model.base) / "config.json"
-    report = plan_report(recipe, config, device="cuda" if recipe.compute.gpus_per_worker else "cpu")
-    print(json.dumps(report, indent=2))
-    if report.get("fits") is False:
-        print(f"{args.recipe}: compute.memory_per_worker_gib: the plan needs about "
-              f"{report['total_gib_per_device']} GiB per worker, the budget is {report['memory_per_worker_gib']} GiB "
-              f"({json.dumps(report['gib'])}); use more workers, LoRA, activation checkpointing, a smaller "
-              "micro_batch_size or max_seq_len", file=sys.stderr)
+    print(json.dumps(plan_report(recipe, shape, "cuda" if recipe.compute.gpus_per_worker else "cpu"), indent=2))
+    try:
+        check_plan(recipe, source=str(args.recipe))
+    except RecipeError as exc:
+        print(str(exc), file=sys.stderr)
         return 1
     return 0
 

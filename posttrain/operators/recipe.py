@@ -30,6 +30,14 @@ class ResolveRecipeOperator(BaseOperator):
         defaults = override_defaults(recipe)
         changed = {k: v for k, v in requested.items() if k not in defaults or v != defaults[k]}
         resolved = apply_overrides(recipe, changed, source=f"{self.recipe_path} (run parameters)")
+        # An impossible parallel plan or a model over the memory budget fails here, before a
+        # cluster is started or anything is written (pure Python: reads the model's config.json).
+        from posttrain.training_lib.parallel.estimate import check_plan
+
+        plan = check_plan(resolved, source=self.recipe_path)
+        if plan is not None:
+            self.log.info("plan: %s on %d workers (tp %d), about %.3f GiB per device", plan["strategy"],
+                          plan["world_size"], plan["tensor_parallel"], plan["total_gib_per_device"])
         workspace = run_workspace(resolved.storage.root, resolved.name, context["run_id"])
         storage = StorageHook(self.storage_conn_id)
         storage.write_json_atomic(f"{workspace}/recipe.json", resolved.model_dump(mode="json"))

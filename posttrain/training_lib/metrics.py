@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.recipe import Recipe, local_path
+from posttrain.recipe import Recipe
 from posttrain.training_lib.flops import device_peak_flops, mfu, training_flops
-from posttrain.training_lib.parallel.estimate import ModelShape
+from posttrain.training_lib.parallel.estimate import model_shape
 from posttrain.training_lib.tracking import MlflowRun, flatten, tracking_uri
 
 
@@ -131,25 +131,6 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def model_shape(recipe: Recipe) -> ModelShape | None:
-    """The model's ModelShape from its config.json: the local folder, or the Hugging Face cache for
-    an hf:// base (nothing is downloaded). None when there is no config or it isn't Llama-like."""
-    base = recipe.model.base
-    if base.startswith("hf://"):
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(base.removeprefix("hf://"), "config.json")
-        config = Path(cached) if isinstance(cached, str) else None
-    else:
-        config = local_path(base) / "config.json"
-    if config is None or not config.exists():
-        return None
-    try:
-        return ModelShape.from_config(json.loads(config.read_text()), recipe.model.pad_vocab_to_multiple_of)
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def make_step_logger(recipe: Recipe, workspace: Path, rank: int, world: int, device: str, total_steps: int,

@@ -94,7 +94,15 @@ class MlflowRun:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
+        # A resumed run already has its params, and MLflow refuses to change one (a retry may have
+        # raised max_steps): log only the new ones, and say which changed.
+        existing: dict[str, str] = {}
+        self._guard(lambda: existing.update(self.client.get_run(self.run_id).data.params))
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        if changed:
+            print(f"MLflow run {self.run_id} resumed with changed params (kept the first values): "
+                  + ", ".join(f"{k}={existing[k]}→{params[k]}" for k in changed), flush=True)
+        items = [Param(k, v) for k, v in params.items() if k not in existing]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             if self.active:
                 self._guard(lambda batch: self.client.log_batch(self.run_id, params=batch), items[start:start + 100])

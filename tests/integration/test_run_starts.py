@@ -62,6 +62,16 @@ def test_override_that_breaks_the_schema_fails_clearly(tmp_path: Path, capfd) ->
     assert "data.eval is required" in out.out + out.err
 
 
+def test_a_plan_over_the_memory_budget_fails_before_any_cluster_starts(tmp_path: Path, capfd) -> None:
+    recipe = write_recipe(tmp_path, name="budget", compute={"workers": 2, "memory_per_worker_gib": 0.001})
+    run = run_recipe(recipe, run_conf={"max_steps": 3})
+    states = task_states(run)
+    assert states["resolve_recipe"] == "failed"
+    assert all(states[t] in ("upstream_failed", "None") for t in ("validate_data", "ray_cluster", "train"))
+    out = capfd.readouterr()
+    assert "compute.memory_per_worker_gib: the plan needs about" in out.out + out.err
+
+
 def test_overrides_reach_the_workspace_and_bad_data_fails_validation(tmp_path: Path, capfd) -> None:
     """Valid overrides are merged into the run's recipe.json; Great Expectations then fails the
     run on bad data with a readable summary and a JSON + HTML report, before any cluster starts."""

@@ -129,3 +129,43 @@ def test_lora_under_fsdp_trains_only_the_adapters(tmp_path: Path, tiny_model: Pa
     assert base.keys() == merged.keys()
     changed = {k for k in base if not base[k].equal(merged[k])}
     assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")}
+
+
+def test_tensor_parallel_job_resumes_and_tracks_the_single_worker_run(tmp_path: Path, tiny_model: Path,
+                                                                      cluster: dict) -> None:
+    """2 workers as one tensor-parallel group (dp 1 × tp 2) see the same batches as 1 worker alone,
+    so their losses must agree step by step; the TP job is stopped after 3 steps and resumed from
+    its (dp, tp)-sharded checkpoint. Metrics reach MLflow's sqlite store under the storage root."""
+    training = {"max_steps": 6, "checkpoint_every": 3, "lr_schedule": "constant", "learning_rate": 3e-3}
+    single = load_recipe(write_recipe(tmp_path / "one", name="one", training=training, compute={"workers": 1}))
+    tp = load_recipe(write_recipe(tmp_path / "tp", name="tp", compute={"workers": 2},
+                                  training={**training, "max_steps": 3, "tensor_parallel": 2},
+                                  tracking={"peak_tflops": 1.0}))
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    one_ws, tp_ws = new_workspace(tmp_path / "one-ws", single), new_workspace(tmp_path / "tp-ws", tp)
+    status, logs = wait(hook, submit(hook, cluster, one_ws, "single"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    status, logs = wait(hook, submit(hook, cluster, tp_ws, "tp-first-half"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert '"strategy": "fsdp_tp"' in logs and '"tensor_parallel": 2' in logs
+    # Same run, longer: what a retry with a raised max_steps does; it continues from step 3.
+    (tp_ws / "recipe.json").write_text(tp.model_copy(update={"training": tp.training.model_copy(
+        update={"max_steps": 6})}).model_dump_json())
+    status, logs = wait(hook, submit(hook, cluster, tp_ws, "tp-second-half"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "at step 3" in logs
+
+    want, got = losses(one_ws), losses(tp_ws)
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    assert all(abs(got[s] - want[s]) < 1e-4 for s in want), (got, want)
+    a, b = load_file(one_ws / "model" / "model.safetensors"), load_file(tp_ws / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+    rows = [json.loads(x) for x in (tp_ws / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] is not None and r["mfu"] > 0 for r in rows)
+    from mlflow.tracking import MlflowClient
+
+    db = Path(tp.storage.root.removeprefix("file://")) / "tp" / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tp").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))

@@ -8,9 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from posttrain.recipe import load_recipe
-from posttrain.training_lib.parallel.estimate import ModelShape, lora_params, plan_report
+import pytest
+
+from posttrain.recipe import RecipeError, load_recipe
+from posttrain.training_lib.parallel.estimate import ModelShape, check_plan, lora_params, model_shape, plan_report
 from tests.conftest import write_recipe
+
+
+def _report(path: Path) -> dict:
+    recipe = load_recipe(path)
+    return plan_report(recipe, model_shape(recipe))
 
 
 def test_parameter_counts_match_the_model(tiny_model: Path) -> None:
@@ -23,13 +30,10 @@ def test_parameter_counts_match_the_model(tiny_model: Path) -> None:
 
 
 def test_fsdp_shards_the_states_ddp_does_not(tmp_path: Path, tiny_model: Path) -> None:
-    fsdp = plan_report(load_recipe(write_recipe(tmp_path / "a", compute={"workers": 4})), tiny_model / "config.json")
-    ddp = plan_report(load_recipe(write_recipe(tmp_path / "b", compute={"workers": 4},
-                                               training={"max_steps": 4, "sharding": "ddp"})),
-                      tiny_model / "config.json")
+    fsdp = _report(write_recipe(tmp_path / "a", compute={"workers": 4}))
+    ddp = _report(write_recipe(tmp_path / "b", compute={"workers": 4}, training={"max_steps": 4, "sharding": "ddp"}))
     assert ddp["bytes"]["weights_grads_optimizer"] == 4 * fsdp["bytes"]["weights_grads_optimizer"]
-    lora = plan_report(load_recipe(write_recipe(tmp_path / "c", model={"base": str(tiny_model), "lora": {"rank": 4}})),
-                       tiny_model / "config.json")
+    lora = _report(write_recipe(tmp_path / "c", model={"base": str(tiny_model), "lora": {"rank": 4}}))
     assert lora["trainable_params"] == 2048
     assert lora["bytes"]["weights_grads_optimizer"] < fsdp["bytes"]["weights_grads_optimizer"]
 
@@ -43,3 +47,33 @@ def test_plan_command_refuses_a_plan_over_budget(tmp_path: Path, tiny_model: Pat
     assert out.returncode == 1
     assert "compute.memory_per_worker_gib: the plan needs about" in out.stderr
     assert "the budget is 0.01 GiB" in out.stderr
+
+
+def test_tensor_parallel_splits_the_blocks_and_must_divide_the_heads(tmp_path: Path, tiny_model: Path) -> None:
+    tp = _report(write_recipe(tmp_path / "tp", compute={"workers": 2},
+                              training={"max_steps": 4, "sharding": "fsdp_tp", "tensor_parallel": 2}))
+    fsdp1 = _report(write_recipe(tmp_path / "one", compute={"workers": 1}))
+    assert tp["strategy"] == "fsdp_tp" and tp["tensor_parallel"] == 2 and tp["data_parallel"] == 1
+    assert tp["bytes"]["gathered_blocks"] == fsdp1["bytes"]["gathered_blocks"] // 2
+    assert tp["bytes"]["weights_grads_optimizer"] < fsdp1["bytes"]["weights_grads_optimizer"]
+    assert tp["bytes"]["activations"] < fsdp1["bytes"]["activations"]
+    # The tiny model has 2 attention heads: a TP degree of 4 can't split them.
+    four = load_recipe(write_recipe(tmp_path / "four", compute={"workers": 4},
+                                    training={"max_steps": 4, "tensor_parallel": 4}))
+    with pytest.raises(RecipeError) as err:
+        check_plan(four, source="four.yaml")
+    assert "four.yaml: training.tensor_parallel: tensor parallel degree 4 does not divide the model's 2 attention " \
+           "heads" in str(err.value)
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"compute": {"workers": 3}, "training": {"max_steps": 4, "tensor_parallel": 2}},
+     "training.tensor_parallel 2 does not divide compute.workers 3"),
+    ({"training": {"max_steps": 4, "tensor_parallel": 2}, "model": {"base": "x", "lora": {"rank": 4}}},
+     "tensor parallel with LoRA is not implemented yet"),
+    ({"training": {"max_steps": 4, "sharding": "fsdp_tp"}}, "sharding 'fsdp_tp' needs tensor_parallel ≥ 2"),
+    ({"training": {"max_steps": 4, "sharding": "ddp", "tensor_parallel": 2}}, "needs sharding 'fsdp_tp'"),
+])
+def test_impossible_parallel_settings_are_refused_by_the_schema(tmp_path: Path, sections: dict, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe(tmp_path, **sections))

@@ -16,8 +16,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from posttrain.recipe import Recipe
-from posttrain.training_lib.parallel.plan import choose_plan
+from posttrain.recipe import Recipe, RecipeError, local_path
+from posttrain.training_lib.parallel.plan import choose_plan, plan_problems
 
 GIB = 2**30
 
@@ -62,18 +62,25 @@ def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
 
 
 def estimate(recipe: Recipe, shape: ModelShape, world: int, compute_bytes: int, activation_checkpointing: bool,
-             strategy: str) -> dict:
+             strategy: str, tensor_parallel: int = 1) -> dict:
     t = recipe.training
     total = shape.params()
     trainable = lora_params(shape, recipe.model.lora.rank, recipe.model.lora.target_modules) \
         if recipe.model.lora else total
-    shards = world if strategy == "fsdp" else 1
+    tp = tensor_parallel
+    dp = world // tp
     # float32 master weights (+ LoRA adapters), float32 grads and two AdamW moments for what trains.
-    states = (4 * (total + (trainable if recipe.model.lora else 0)) + 4 * trainable + 8 * trainable) / shards
-    gathered = 2 * shape.block_params() * compute_bytes if strategy == "fsdp" else 0
+    per_param = 4 * (total + (trainable if recipe.model.lora else 0)) + 4 * trainable + 8 * trainable
+    if strategy == "ddp":
+        states = per_param
+    else:  # FSDP2 shards everything over dp; TP also splits the blocks' projections over tp
+        block_share = shape.layers * shape.block_params() / total
+        states = per_param * (block_share / world + (1 - block_share) / dp)
+    gathered = 2 * shape.block_params() / tp * compute_bytes if strategy != "ddp" else 0
     tokens = t.micro_batch_size * recipe.data.max_seq_len
-    # Per layer: ~34 hidden-sized and 3 intermediate-sized tensors per token live for backward.
-    per_layer = tokens * compute_bytes * (34 * shape.hidden + 3 * shape.intermediate)
+    # Per layer and token (Megatron's count without sequence parallel): ~10 hidden-sized tensors
+    # replicated over the TP ranks, ~24 hidden-sized and 3 intermediate-sized ones split by TP.
+    per_layer = tokens * compute_bytes * (10 * shape.hidden + (24 * shape.hidden + 3 * shape.intermediate) / tp)
     activations = (shape.layers * tokens * shape.hidden * compute_bytes + per_layer) if activation_checkpointing \
         else shape.layers * per_layer
     loss_chunk = 2 * min(t.loss_chunk_tokens, tokens) * shape.vocab * 4
@@ -81,26 +88,71 @@ def estimate(recipe: Recipe, shape: ModelShape, world: int, compute_bytes: int, 
              "loss_chunk": loss_chunk}
     return {
         "params": total, "trainable_params": trainable, "world_size": world, "strategy": strategy,
+        "tensor_parallel": tp,
         "bytes": {k: int(v) for k, v in parts.items()},
         "gib": {k: round(v / GIB, 3) for k, v in parts.items()},
         "total_gib_per_device": round(sum(parts.values()) / GIB, 3),
     }
 
 
-def plan_report(recipe: Recipe, config_path: Path, device: str = "cpu") -> dict:
+def model_config_path(recipe: Recipe) -> Path | None:
+    """The base model's config.json: the local folder, or the Hugging Face cache for an hf:// base
+    (nothing is downloaded). None when it isn't there."""
+    base = recipe.model.base
+    if base.startswith("hf://"):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base.removeprefix("hf://"), "config.json")
+        return Path(cached) if isinstance(cached, str) else None
+    config = local_path(base) / "config.json"
+    return config if config.exists() else None
+
+
+def model_shape(recipe: Recipe) -> ModelShape | None:
+    """The model's shape from its config.json; None without a config or for a non-Llama-like one."""
+    config = model_config_path(recipe)
+    if config is None:
+        return None
+    try:
+        return ModelShape.from_config(json.loads(config.read_text()), recipe.model.pad_vocab_to_multiple_of)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def plan_report(recipe: Recipe, shape: ModelShape, device: str = "cpu") -> dict:
     """The plan `posttrain plan` prints: strategy and precision as the job will choose them on
     `device`, the model's shape, and the memory estimate per device (with the budget, if the
     recipe gives one)."""
-    shape = ModelShape.from_config(json.loads(config_path.read_text()), recipe.model.pad_vocab_to_multiple_of)
     c = recipe.compute
     # Assumes a GPU worker is bf16-capable (Ampere or newer); the job re-checks on the real device.
     plan = choose_plan(recipe, c.workers, device, bf16_capable=device == "cuda")
     compute_bytes = 2 if plan.param_dtype == "bfloat16" else 4
     report = {
         **plan.as_dict(), "model": asdict(shape),
-        **estimate(recipe, shape, c.workers, compute_bytes, plan.activation_checkpointing, plan.strategy),
+        **estimate(recipe, shape, c.workers, compute_bytes, plan.activation_checkpointing, plan.strategy,
+                   plan.tensor_parallel),
     }
     if c.memory_per_worker_gib is not None:
         report["memory_per_worker_gib"] = c.memory_per_worker_gib
         report["fits"] = report["total_gib_per_device"] <= c.memory_per_worker_gib
+    return report
+
+
+def check_plan(recipe: Recipe, source: str = "<recipe>") -> dict | None:
+    """Refuse, before anything is submitted, a recipe the hardware can't run: a tensor-parallel
+    degree that doesn't divide the heads or workers, or a memory estimate over the budget. Returns
+    the plan report (None when the model's config.json isn't available to check against)."""
+    shape = model_shape(recipe)
+    if shape is None:
+        return None
+    device = "cuda" if recipe.compute.gpus_per_worker else "cpu"
+    report = plan_report(recipe, shape, device)
+    problems = plan_problems(recipe, choose_plan(recipe, recipe.compute.workers, device, device == "cuda"), shape)
+    if report.get("fits") is False:
+        problems.append(("compute.memory_per_worker_gib",
+                         f"the plan needs about {report['total_gib_per_device']} GiB per worker, the budget is "
+                         f"{report['memory_per_worker_gib']} GiB ({json.dumps(report['gib'])}); use more workers, "
+                         "LoRA, activation checkpointing, a smaller micro_batch_size or max_seq_len"))
+    if problems:
+        raise RecipeError(source, problems)
     return report

@@ -49,6 +49,10 @@ class LoraConfig(_Strict):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    # The export always writes the adapter; the merged model (base + adapter, what vLLM serves
+    # without LoRA support) too unless this is false: then evaluation merges in a scratch folder
+    # and promotion publishes the adapter alone.
+    merge_on_export: bool = True
 
 
 class ModelConfig(_Strict):

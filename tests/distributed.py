@@ -12,12 +12,15 @@ from typing import Any
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, fn: Callable, world: int, tmp: str, args: tuple) -> None:
+def _worker(rank: int, fn: Callable, world: int, tmp: str, backend: str, args: tuple) -> None:
+    import torch
     import torch.distributed as dist
 
-    os.environ.update({"GLOO_SOCKET_IFNAME": "lo", "RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_RANK": str(rank)})
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    os.environ.update({"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
         Path(tmp, f"result-{rank}.pkl").write_bytes(pickle.dumps(result))
@@ -25,11 +28,13 @@ def _worker(rank: int, fn: Callable, world: int, tmp: str, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world: int, tmp: Path, *args: Any) -> list[Any]:
-    """fn(rank, world, *args) on `world` processes (fn must be importable: module level)."""
+def run_ranks(fn: Callable, world: int, tmp: Path, *args: Any, backend: str = "gloo") -> list[Any]:
+    """fn(rank, world, *args) on `world` processes (fn must be importable: module level); with
+    backend "nccl", rank r uses GPU r."""
     tmp = tmp.resolve()
     tmp.mkdir(parents=True, exist_ok=True)
     for stale in [tmp / "store", *tmp.glob("result-*.pkl")]:  # a file store left by an earlier run hangs gloo
         stale.unlink(missing_ok=True)
-    mp.start_processes(_worker, args=(fn, world, str(tmp), args), nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(fn, world, str(tmp), backend, args), nprocs=world, join=True,
+                       start_method="spawn")
     return [pickle.loads(Path(tmp, f"result-{r}.pkl").read_bytes()) for r in range(world)]

@@ -49,8 +49,10 @@ class PromoteOperator(PosttrainOperator):
         if promote:
             target = f"{recipe.storage.root}/{recipe.name}/promoted/{version}"
             self.storage.remove_tree(target)  # a retried task starts its copy over
-            files = self.storage.copy_tree(f"{self.workspace}/model", target)
-            record = {"version": version, "model_uri": target, "metric": p.metric, "value": value,
+            # The merged model, or the adapter alone when the recipe exports only that.
+            artifact = "model" if self.storage.exists(f"{self.workspace}/model") else "adapter"
+            files = self.storage.copy_tree(f"{self.workspace}/{artifact}", target)
+            record = {"version": version, "model_uri": target, "artifact": artifact, "metric": p.metric, "value": value,
                       "mode": p.mode, "run_id": context["run_id"], "dag_id": context["ti"].dag_id,
                       "workspace": self.workspace, "promoted_at": datetime.now(UTC).isoformat(),
                       "previous_version": champion["version"] if champion else None}

@@ -15,7 +15,7 @@ from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
 def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> Path | None:
     """Collective: every rank calls it; rank 0 writes out_dir/model (merged) and out_dir/adapter
-    (LoRA only). Returns the model folder on rank 0."""
+    (LoRA only; with `lora.merge_on_export: false` the adapter alone). Returns the folder on rank 0."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
@@ -28,17 +28,37 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
     if recipe.model.lora is not None:
         fresh = apply_lora(fresh, recipe)
     fresh.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_location(recipe.tokenizer_uri))
     if recipe.model.lora is not None:
-        fresh.save_pretrained(out_dir / "adapter")
+        _save_atomic(fresh, tokenizer, out_dir / "adapter")
+        if not recipe.model.lora.merge_on_export:
+            return out_dir / "adapter"
         fresh = fresh.merge_and_unload()
-    model_dir = out_dir / "model"
-    tmp = out_dir / "model.tmp"
     fresh.config.use_cache = True
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_location(recipe.tokenizer_uri)).save_pretrained(tmp)
-    if model_dir.exists():
-        import shutil
+    return _save_atomic(fresh, tokenizer, out_dir / "model")
 
-        shutil.rmtree(model_dir)
-    tmp.rename(model_dir)
-    return model_dir
+
+def _save_atomic(model: torch.nn.Module, tokenizer: object, target: Path) -> Path:
+    """Write into `<target>.tmp` and rename: a folder with the final name is always complete."""
+    import shutil
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def merged_from_adapter(recipe: Recipe, adapter_dir: Path, target: Path) -> Path:
+    """Base + adapter merged into `target` (Hugging Face format with the tokenizer): what vLLM and
+    the eval loss load when the export kept only the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_location(recipe.model.base), dtype=torch.float32)
+    pad_vocab(base, recipe.model.pad_vocab_to_multiple_of)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.config.use_cache = True
+    return _save_atomic(merged, AutoTokenizer.from_pretrained(str(adapter_dir)), target)

@@ -169,3 +169,23 @@ def test_tensor_parallel_job_resumes_and_tracks_the_single_worker_run(tmp_path: 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("tp").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))
+
+
+def test_adapter_only_export_is_evaluated_through_a_scratch_merge(tmp_path: Path, tiny_model: Path,
+                                                                   cluster: dict) -> None:
+    """`lora.merge_on_export: false`: the job exports the adapter alone (no full model copy per run);
+    the evaluate job merges it with the base in a scratch folder for vLLM and removes it after."""
+    recipe = load_recipe(write_recipe(
+        tmp_path, name="adapter-only", training={"max_steps": 2, "checkpoint_every": 2},
+        model={"base": str(tiny_model), "lora": {"rank": 4, "merge_on_export": False}}))
+    workspace = new_workspace(tmp_path / "ws", recipe)
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    status, logs = wait(hook, submit(hook, cluster, workspace, "adapter-only"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert (workspace / "adapter" / "adapter_model.safetensors").exists() and not (workspace / "model").exists()
+    evaluate = ENTRY.replace(" train ", " evaluate ").format(python=cluster["python"], ws=workspace)
+    status, logs = wait(hook, hook.submit_job(evaluate, "adapter-only-eval"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    metrics = json.loads((workspace / "eval" / "metrics.json").read_text())
+    assert metrics["eval_loss"] > 0 and "exact_match" in metrics
+    assert not (workspace / "eval" / "merged").exists()

@@ -16,6 +16,10 @@ def run(recipe: Recipe, workspace: Path) -> dict:
     if not recipe.data.eval:
         raise RuntimeError(f"recipe {recipe.name}: data.eval is not set, there is nothing to evaluate on")
     model_dir = workspace / "model"
+    if not model_dir.exists() and (workspace / "adapter").exists():  # adapter-only export: merge to evaluate
+        from posttrain.training_lib.export import merged_from_adapter
+
+        model_dir = merged_from_adapter(recipe, workspace / "adapter", workspace / "eval" / "merged")
     require_same_tokenizer(str(model_dir), workspace)
     metrics: dict = {}
     if "eval_loss" in recipe.evaluation.metrics:
@@ -29,5 +33,9 @@ def run(recipe: Recipe, workspace: Path) -> dict:
         for sample in samples:
             fh.write(json.dumps(sample) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if model_dir.name == "merged":  # scratch: the published artifact is the adapter
+        import shutil
+
+        shutil.rmtree(model_dir)
     print("eval metrics: " + json.dumps(metrics), flush=True)
     return metrics

@@ -42,11 +42,11 @@ def test_plan_command_refuses_a_plan_over_budget(tmp_path: Path, tiny_model: Pat
     ok = write_recipe(tmp_path / "ok", compute={"workers": 2, "memory_per_worker_gib": 8})
     out = subprocess.run([sys.executable, "-m", "posttrain", "plan", str(ok)], capture_output=True, text=True)
     assert out.returncode == 0 and json.loads(out.stdout)["fits"] is True
-    tight = write_recipe(tmp_path / "tight", compute={"workers": 2, "memory_per_worker_gib": 0.01})
+    tight = write_recipe(tmp_path / "tight", compute={"workers": 2, "memory_per_worker_gib": 0.001})
     out = subprocess.run([sys.executable, "-m", "posttrain", "plan", str(tight)], capture_output=True, text=True)
     assert out.returncode == 1
     assert "compute.memory_per_worker_gib: the plan needs about" in out.stderr
-    assert "the budget is 0.01 GiB" in out.stderr
+    assert "the budget is 0.001 GiB" in out.stderr
 
 
 def test_tensor_parallel_splits_the_blocks_and_must_divide_the_heads(tmp_path: Path, tiny_model: Path) -> None:
@@ -77,3 +77,23 @@ def test_tensor_parallel_splits_the_blocks_and_must_divide_the_heads(tmp_path: P
 def test_impossible_parallel_settings_are_refused_by_the_schema(tmp_path: Path, sections: dict, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         load_recipe(write_recipe(tmp_path, **sections))
+
+
+def test_auto_activation_checkpointing_turns_on_only_when_the_step_would_not_fit(tmp_path: Path,
+                                                                               tiny_model: Path) -> None:
+    from posttrain.training_lib.parallel.estimate import estimate
+    from posttrain.training_lib.parallel.plan import choose_plan
+
+    recipe = load_recipe(write_recipe(tmp_path, data={"max_seq_len": 2048}, training={"max_steps": 4,
+                                                                                      "micro_batch_size": 8}))
+    shape = model_shape(recipe)
+    without = estimate(recipe, shape, 2, 4, False, "fsdp")["total_gib_per_device"]
+    with_ac = estimate(recipe, shape, 2, 4, True, "fsdp")["total_gib_per_device"]
+    assert with_ac < without
+    tight = choose_plan(recipe, 2, "cpu", False, shape, memory_gib=(with_ac + without) / 2)
+    roomy = choose_plan(recipe, 2, "cpu", False, shape, memory_gib=4 * without)
+    assert tight.activation_checkpointing and not roomy.activation_checkpointing
+    assert f"about {without} GiB per device without it" in tight.reasons[0]
+    # An explicit setting wins over the estimate.
+    forced = load_recipe(write_recipe(tmp_path / "f", training={"max_steps": 4, "activation_checkpointing": False}))
+    assert not choose_plan(forced, 2, "cpu", False, shape, memory_gib=1e-6).activation_checkpointing

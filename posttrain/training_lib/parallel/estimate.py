@@ -125,7 +125,8 @@ def plan_report(recipe: Recipe, shape: ModelShape, device: str = "cpu") -> dict:
     recipe gives one)."""
     c = recipe.compute
     # Assumes a GPU worker is bf16-capable (Ampere or newer); the job re-checks on the real device.
-    plan = choose_plan(recipe, c.workers, device, bf16_capable=device == "cuda")
+    plan = choose_plan(recipe, c.workers, device, bf16_capable=device == "cuda", shape=shape,
+                       memory_gib=c.memory_per_worker_gib)
     compute_bytes = 2 if plan.param_dtype == "bfloat16" else 4
     report = {
         **plan.as_dict(), "model": asdict(shape),
@@ -147,7 +148,8 @@ def check_plan(recipe: Recipe, source: str = "<recipe>") -> dict | None:
         return None
     device = "cuda" if recipe.compute.gpus_per_worker else "cpu"
     report = plan_report(recipe, shape, device)
-    problems = plan_problems(recipe, choose_plan(recipe, recipe.compute.workers, device, device == "cuda"), shape)
+    problems = plan_problems(recipe, choose_plan(recipe, recipe.compute.workers, device, device == "cuda", shape,
+                                                 recipe.compute.memory_per_worker_gib), shape)
     if report.get("fits") is False:
         problems.append(("compute.memory_per_worker_gib",
                          f"the plan needs about {report['total_gib_per_device']} GiB per worker, the budget is "

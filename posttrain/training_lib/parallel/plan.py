@@ -25,6 +25,7 @@ class Plan:
     compile: bool
     world_size: int
     tensor_parallel: int = 1
+    reasons: tuple[str, ...] = ()  # why `auto` settings came out as they did
 
     @property
     def data_parallel(self) -> int:
@@ -40,8 +41,11 @@ class Plan:
         return {**asdict(self), "data_parallel": self.data_parallel}
 
 
-def choose_plan(recipe: Recipe, world_size: int, device: str, bf16_capable: bool) -> Plan:
-    """The decisions, as a pure function (`posttrain plan` calls it without torch or a GPU)."""
+def choose_plan(recipe: Recipe, world_size: int, device: str, bf16_capable: bool,
+                shape: ModelShape | None = None, memory_gib: float | None = None) -> Plan:
+    """The decisions, as a pure function (`posttrain plan` calls it without torch or a GPU).
+    With the model's shape and the memory per device known, `activation_checkpointing: auto` is
+    decided by the estimate: on only when the step would not fit without it."""
     t = recipe.training
     tp = t.tensor_parallel
     if t.sharding == "fsdp_tp" or tp > 1:
@@ -52,10 +56,23 @@ def choose_plan(recipe: Recipe, world_size: int, device: str, bf16_capable: bool
     if t.precision == "bf16" and not bf16_capable:
         raise ValueError(f"training.precision bf16 needs a GPU with bf16 support; this worker has {device}")
     precision = "bfloat16" if t.precision == "bf16" or (t.precision == "auto" and bf16_capable) else "float32"
-    # Checkpointing trades compute for memory: worth it on accelerators, not for CPU-sized models.
-    ac = t.activation_checkpointing if isinstance(t.activation_checkpointing, bool) else device == "cuda"
+    reasons = []
+    if isinstance(t.activation_checkpointing, bool):
+        ac = t.activation_checkpointing
+    elif shape is not None and memory_gib is not None:
+        from posttrain.training_lib.parallel.estimate import estimate
+
+        need = estimate(recipe, shape, world_size, 2 if precision == "bfloat16" else 4, False, strategy,
+                        tp)["total_gib_per_device"]
+        # 10% headroom: allocator fragmentation, the CUDA context, communication buffers.
+        ac = need > 0.9 * memory_gib
+        reasons.append(f"activation checkpointing {'on' if ac else 'off'}: about {need} GiB per device without "
+                       f"it, {memory_gib:g} GiB available")
+    else:
+        # Checkpointing trades compute for memory: worth it on accelerators, not for CPU-sized models.
+        ac = device == "cuda"
     return Plan(strategy=strategy, device=device, param_dtype=precision, activation_checkpointing=ac,
-                compile=t.compile, world_size=world_size, tensor_parallel=tp)
+                compile=t.compile, world_size=world_size, tensor_parallel=tp, reasons=tuple(reasons))
 
 
 def plan_problems(recipe: Recipe, plan: Plan, shape: ModelShape) -> list[tuple[str, str]]:
@@ -74,8 +91,14 @@ def plan_problems(recipe: Recipe, plan: Plan, shape: ModelShape) -> list[tuple[s
 
 
 def make_plan(recipe: Recipe, world_size: int, device: str) -> Plan:
-    """The plan for the devices this worker actually has."""
+    """The plan for the devices this worker actually has: the recipe's memory budget, else the
+    GPU's own memory (a CPU worker has no budget unless the recipe gives one)."""
     import torch
 
+    from posttrain.training_lib.parallel.estimate import model_shape
+
     bf16 = device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return choose_plan(recipe, world_size, device, bf16)
+    memory = recipe.compute.memory_per_worker_gib
+    if memory is None and device == "cuda":
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    return choose_plan(recipe, world_size, device, bf16, model_shape(recipe), memory)

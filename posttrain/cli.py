@@ -128,6 +128,16 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from posttrain.gc import collect, parse_age
+    from posttrain.hooks.ec2 import Ec2ClusterHook
+
+    report = collect(Ec2ClusterHook(args.aws_conn_id, args.region), parse_age(args.older_than),
+                     dry_run=args.dry_run)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="YAML recipes → Airflow post-training DAGs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                    help="run parameter (the same whitelist as a manual trigger), repeatable")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("gc", help="terminate EC2 Ray clusters whose DAG run is no longer running")
+    p.add_argument("--older-than", default="6h", help="only clusters launched longer ago than this (default 6h)")
+    p.add_argument("--region", required=True)
+    p.add_argument("--aws-conn-id", default="aws_default")
+    p.add_argument("--dry-run", action="store_true", help="report what would be terminated")
+    p.set_defaults(func=cmd_gc)
     p = sub.add_parser("tiny-model", help="build the tiny debug model + tokenizer offline")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)

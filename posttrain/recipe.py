@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from posttrain import instance_types
+
 IMPLEMENTED_PARADIGMS = ("sft",)
 IMPLEMENTED_PROVIDERS = ("local", "ray")
 EVAL_METRICS = ("eval_loss", "exact_match")
@@ -137,6 +139,50 @@ class TrainingConfig(_Strict):
         return self
 
 
+class Ec2Config(_Strict):
+    """One Ray cluster per run on EC2: a head node and `worker_nodes` GPU workers running `image`."""
+    aws_conn_id: str = "aws_default"
+    region: str = Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+    head_instance_type: str = "m6i.xlarge"
+    worker_instance_type: str
+    worker_nodes: int = Field(ge=1, le=512)
+    ami: str | None = Field(None, pattern=r"^ami-[0-9a-f]{8,17}$")
+    ami_ssm_parameter: str | None = Field(None, pattern=r"^/[\w./-]+$")  # e.g. an AWS Deep Learning AMI's
+    subnet_id: str = Field(pattern=r"^subnet-[0-9a-f]{8,17}$")
+    security_group_ids: list[str] = Field(min_length=1)
+    iam_instance_profile: str = Field(min_length=1)  # name or ARN
+    key_name: str | None = None
+    root_volume_gib: int = Field(200, ge=20, le=16384)
+    spot_workers: bool = False  # spot workers, falling back to on-demand when there is no capacity
+    public_ip: bool = False
+    tags: dict[str, str] = Field(default_factory=dict)
+    image: str = Field(min_length=1)  # the container image every node runs (docker/ray.Dockerfile)
+    # How Airflow reaches the head's dashboard (Ray Jobs API): the head's private IP by default; a
+    # tunnel or load balancer in front of it can be named here ({private_ip} / {public_ip} filled in).
+    dashboard_url: str = "http://{private_ip}:8265"
+    ray_port: int = Field(6379, ge=1, le=65535)
+    launch_timeout_s: int = Field(900, ge=30)
+
+    @field_validator("head_instance_type", "worker_instance_type")
+    @classmethod
+    def _instance_type(cls, value: str) -> str:
+        return instance_types.check_shape(value)
+
+    @field_validator("security_group_ids")
+    @classmethod
+    def _groups(cls, value: list[str]) -> list[str]:
+        bad = [g for g in value if not re.fullmatch(r"sg-[0-9a-f]{8,17}", g)]
+        if bad:
+            raise ValueError(f"not security group ids: {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _ami(self) -> Ec2Config:
+        if (self.ami is None) == (self.ami_ssm_parameter is None):
+            raise ValueError("set exactly one of ami and ami_ssm_parameter")
+        return self
+
+
 class ComputeConfig(_Strict):
     provider: Literal["local", "ray", "ec2"] = "local"
     workers: int = Field(2, ge=1, le=4096)
@@ -145,11 +191,24 @@ class ComputeConfig(_Strict):
     ray_conn_id: str = "ray_default"
     startup_timeout_s: int = Field(120, ge=10)
     memory_per_worker_gib: float | None = Field(None, gt=0)  # device memory budget `posttrain plan` checks
+    ec2: Ec2Config | None = None
 
     @field_validator("provider")
     @classmethod
     def _implemented(cls, value: str) -> str:
         return _require_implemented(value, IMPLEMENTED_PROVIDERS, "compute provider")
+
+    @model_validator(mode="after")
+    def _ec2(self) -> ComputeConfig:
+        if (self.provider == "ec2") != (self.ec2 is not None):
+            raise ValueError("compute.ec2 is required with provider 'ec2' and only allowed with it")
+        if self.ec2 is not None and self.gpus_per_worker:
+            have = self.ec2.worker_nodes * instance_types.gpus(self.ec2.worker_instance_type)
+            need = self.workers * self.gpus_per_worker
+            if need > have:
+                raise ValueError(f"{self.workers} workers × {self.gpus_per_worker} GPUs need {need} GPUs; "
+                                 f"{self.ec2.worker_nodes} × {self.ec2.worker_instance_type} have {have}")
+        return self
 
 
 class EvaluationConfig(_Strict):

@@ -126,6 +126,29 @@ class RayJobHook(BaseHook):
                 time.sleep(1.0)
 
 
+    def alive_nodes(self) -> int:
+        """Nodes the cluster reports alive (the dashboard's node summary)."""
+        data = self._request("GET", "/nodes?view=summary")
+        return sum(1 for node in data.get("data", {}).get("summary", [])
+                   if (node.get("raylet") or {}).get("state", "ALIVE") == "ALIVE")
+
+    def wait_nodes(self, expected: int, timeout: float) -> None:
+        """Until the cluster has `expected` alive nodes, at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        seen: int | str = "no answer"
+        while True:
+            try:
+                seen = self.alive_nodes()
+                if seen >= expected:
+                    return
+            except (httpx.HTTPError, RayJobError) as exc:
+                seen = f"no answer ({type(exc).__name__})"
+            if time.monotonic() > deadline:
+                raise RayJobError(f"the Ray cluster at {self._endpoint()[0]} did not report {expected} alive nodes "
+                                  f"within {timeout:.0f} s (last: {seen})")
+            time.sleep(2.0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

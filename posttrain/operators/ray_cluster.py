@@ -1,13 +1,17 @@
 """The Ray cluster a run trains on: set up before training, torn down after, whatever happened.
 
 `local`: a Ray head on 127.0.0.1 started by this task. `ray`: an existing cluster named by an
-Airflow connection (nothing to start or stop).
+Airflow connection (nothing to start or stop). `ec2`: a head and GPU workers launched for this run,
+found by their tags (so a retried setup reuses them and the teardown terminates them even when
+nothing else of the run survived).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from posttrain import instance_types
 from posttrain.operators.base import PosttrainOperator
 
 
@@ -23,12 +27,41 @@ class RayClusterOperator(PosttrainOperator):
         if compute.provider == "local":
             info = LocalRayCluster.start(num_cpus=compute.workers * compute.cpus_per_worker + 1,
                                          timeout=compute.startup_timeout_s)
+        elif compute.provider == "ec2":
+            info = self._provision_ec2(context)
         else:
             hook = RayJobHook(ray_conn_id=compute.ray_conn_id)
             hook.wait_ready(compute.startup_timeout_s)
             info = {"provider": "ray", "ray_conn_id": compute.ray_conn_id, "python": "python"}
         self.storage.write_json_atomic(f"{self.workspace}/cluster.json", info)
         self.log.info("Ray cluster ready: %s", info.get("dashboard_url") or info.get("ray_conn_id"))
+        return info
+
+    def _provision_ec2(self, context: Any) -> dict[str, Any]:
+        import secrets
+
+        from posttrain.hooks.ec2 import TAG_CLUSTER, TAG_DAG, TAG_RUN, Ec2ClusterHook, cluster_id_for
+        from posttrain.hooks.ray import RayJobHook
+
+        compute = self.load_recipe().compute
+        cfg = compute.ec2
+        dag_id, run_id = context["ti"].dag_id, context["run_id"]
+        cluster_id = cluster_id_for(dag_id, run_id)
+        # The token the nodes' Ray starts with: kept in the workspace, so a retry that finds the
+        # cluster from an earlier try still speaks to it (and never in XCom, which the UI shows).
+        token_file = self.local_workspace() / "ray-token"
+        if not token_file.exists():
+            token_file.write_text(secrets.token_urlsafe(32))
+            token_file.chmod(0o600)
+        hook = Ec2ClusterHook(cfg.aws_conn_id, cfg.region)
+        labels = {TAG_CLUSTER: cluster_id, TAG_DAG: dag_id, TAG_RUN: run_id}
+        deadline = time.monotonic() + cfg.launch_timeout_s
+        info = hook.provision(cfg, labels, token_file.read_text(), compute.gpus_per_worker and
+                              instance_types.gpus(cfg.worker_instance_type), deadline, self.log)
+        info["token_file"] = str(token_file)
+        # Running instances are not a cluster yet: wait for Ray on every node (never forever).
+        RayJobHook(address=info["dashboard_url"], token_file=str(token_file)).wait_nodes(
+            info["nodes"], max(1.0, deadline - time.monotonic()))
         return info
 
 
@@ -54,6 +87,8 @@ class RayClusterTeardownOperator(PosttrainOperator):
         from posttrain.hooks.ray import LocalRayCluster
 
         info = self._cluster_info()
+        if (info or {}).get("provider", "ec2") == "ec2" and self._ec2_recipe() is not None:
+            return self._terminate_ec2(context)
         if info is None:
             self.log.info("no cluster was started for this run; nothing to tear down")
             return {"stopped": 0}
@@ -67,3 +102,19 @@ class RayClusterTeardownOperator(PosttrainOperator):
                                + ", ".join(str(p.pid) for p in left))
         self.log.info("stopped Ray head %s (%d processes)", info["cluster_id"], stopped)
         return {"stopped": stopped}
+
+    def _ec2_recipe(self) -> Any:
+        """The recipe's EC2 settings, when this run's cluster is on EC2 (None otherwise)."""
+        if not self.workspace or not self.storage.exists(f"{self.workspace}/recipe.json"):
+            return None
+        return self.load_recipe().compute.ec2
+
+    def _terminate_ec2(self, context: Any) -> dict[str, Any]:
+        from posttrain.hooks.ec2 import Ec2ClusterHook, cluster_id_for
+
+        cfg = self._ec2_recipe()
+        # The id follows from the run: found even if the setup task died before it pushed anything.
+        cluster_id = cluster_id_for(context["ti"].dag_id, context["run_id"])
+        terminated = Ec2ClusterHook(cfg.aws_conn_id, cfg.region).terminate_cluster(cluster_id)
+        self.log.info("cluster %s: terminated %d instances %s", cluster_id, len(terminated), terminated)
+        return {"stopped": len(terminated), "cluster_id": cluster_id, "instances": terminated}

@@ -1,0 +1,140 @@
+"""The EC2 side of a per-run Ray cluster against moto's EC2 server on loopback: what is launched
+(types, AMI, network, profile, IMDSv2, encryption, tags, user-data), reuse by a retried setup, the
+spot → on-demand fallback, teardown and `posttrain gc` leaving no instance of a run behind."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+import boto3
+import pytest
+
+from posttrain.gc import collect
+from posttrain.hooks.ec2 import TAG_CLUSTER, TAG_DAG, TAG_RUN, Ec2ClusterHook, cluster_id_for, tag
+from posttrain.recipe import Ec2Config
+
+LOG = logging.getLogger("test-ec2")
+
+
+@pytest.fixture(scope="module")
+def network(moto_server: str) -> dict[str, Any]:
+    """A VPC, subnet, security group, instance profile and AMI on the moto server."""
+    kw = {"endpoint_url": moto_server, "region_name": "us-east-1"}
+    ec2, iam = boto3.client("ec2", **kw), boto3.client("iam", **kw)
+    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.1.0/24")["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName="ray", Description="ray nodes", VpcId=vpc)["GroupId"]
+    iam.create_instance_profile(InstanceProfileName="posttrain-ray-node")
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    return {"ec2": ec2, "subnet": subnet, "sg": sg, "ami": ami}
+
+
+def config(network: dict, **overrides: Any) -> Ec2Config:
+    return Ec2Config(**{
+        "aws_conn_id": "aws_moto", "region": "us-east-1", "head_instance_type": "m6i.xlarge",
+        "worker_instance_type": "g5.xlarge", "worker_nodes": 2, "ami": network["ami"],
+        "subnet_id": network["subnet"], "security_group_ids": [network["sg"]],
+        "iam_instance_profile": "posttrain-ray-node", "tags": {"team": "ml"},
+        "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/posttrain-ray:0.1.0", **overrides})
+
+
+def provision(cfg: Ec2Config, run_id: str) -> tuple[Ec2ClusterHook, dict]:
+    hook = Ec2ClusterHook("aws_moto", "us-east-1")
+    labels = {TAG_CLUSTER: cluster_id_for("posttrain__t", run_id), TAG_DAG: "posttrain__t", TAG_RUN: run_id}
+    info = hook.provision(cfg, labels, "secret-token", gpus_per_node=1, deadline=time.monotonic() + 60, log=LOG)
+    return hook, info
+
+
+def user_data(ec2: Any, instance_id: str) -> str:
+    value = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")["UserData"]["Value"]
+    return base64.b64decode(value).decode()
+
+
+def test_launch_parameters(network: dict) -> None:
+    hook, info = provision(config(network), "manual__launch")
+    ec2 = network["ec2"]
+    instances = hook.instances(info["cluster_id"])
+    assert len(instances) == 3
+    head = next(i for i in instances if i["InstanceId"] == info["head_instance_id"])
+    workers = [i for i in instances if i["InstanceId"] != info["head_instance_id"]]
+    assert head["InstanceType"] == "m6i.xlarge" and {w["InstanceType"] for w in workers} == {"g5.xlarge"}
+    for i in instances:
+        assert i["ImageId"] == network["ami"] and i["SubnetId"] == network["subnet"]
+        (eni,) = i["NetworkInterfaces"]  # launched with one interface: its groups are the node's
+        assert [g["GroupId"] for g in eni["Groups"]] == [network["sg"]] and eni["SubnetId"] == network["subnet"]
+        assert i["MetadataOptions"]["HttpTokens"] == "required"
+        assert not i.get("PublicIpAddress")
+        assert tag(i, TAG_CLUSTER) == info["cluster_id"] and tag(i, TAG_RUN) == "manual__launch"
+        assert tag(i, TAG_DAG) == "posttrain__t" and tag(i, "team") == "ml"
+        volumes = ec2.describe_volumes(Filters=[{"Name": "attachment.instance-id", "Values": [i["InstanceId"]]}])
+        assert volumes["Volumes"] and all(v["Encrypted"] for v in volumes["Volumes"])
+    # moto records the profile on the first instance of a multi-instance launch only.
+    profiles = {i["InstanceId"]: (i.get("IamInstanceProfile") or {}).get("Arn") for i in instances}
+    assert profiles[head["InstanceId"]].endswith("instance-profile/posttrain-ray-node")
+    assert any(profiles[w["InstanceId"]] for w in workers)
+    assert all(p is None or p.endswith("instance-profile/posttrain-ray-node") for p in profiles.values())
+    head_script = user_data(ec2, head["InstanceId"])
+    assert "ray start --head --port=6379" in head_script and "posttrain-ray:0.1.0" in head_script
+    assert "RAY_AUTH_TOKEN=secret-token" in head_script and "--gpus all" not in head_script
+    for w in workers:
+        script = user_data(ec2, w["InstanceId"])
+        assert f"ray start --address={head['PrivateIpAddress']}:6379" in script and "--gpus all" in script
+    assert info["dashboard_url"] == f"http://{head['PrivateIpAddress']}:8265" and info["nodes"] == 3
+    hook.terminate_cluster(info["cluster_id"])
+
+
+def test_a_retried_setup_reuses_the_cluster_and_completes_it(network: dict) -> None:
+    cfg = config(network)
+    hook, first = provision(cfg, "manual__retry")
+    _, again = provision(cfg, "manual__retry")
+    assert again["head_instance_id"] == first["head_instance_id"]
+    assert sorted(again["worker_instance_ids"]) == sorted(first["worker_instance_ids"])
+    # One worker lost between tries: the retry launches exactly one, not a second cluster.
+    network["ec2"].terminate_instances(InstanceIds=first["worker_instance_ids"][:1])
+    _, third = provision(cfg, "manual__retry")
+    assert len(hook.instances(first["cluster_id"])) == 3
+    assert third["head_instance_id"] == first["head_instance_id"]
+    assert first["worker_instance_ids"][1] in third["worker_instance_ids"]
+    hook.terminate_cluster(first["cluster_id"])
+    assert hook.instances(first["cluster_id"]) == []
+
+
+def test_spot_workers_fall_back_to_on_demand_without_capacity(network: dict, caplog) -> None:
+    from botocore.exceptions import ClientError
+
+    hook = Ec2ClusterHook("aws_moto", "us-east-1")
+    spot_calls = []
+
+    def no_spot_capacity(params: dict, **_: Any) -> None:  # what EC2 answers when the pool is empty
+        if "InstanceMarketOptions" in params:
+            spot_calls.append(params["InstanceType"])
+            raise ClientError({"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no spot"}},
+                              "RunInstances")
+
+    hook.client.meta.events.register("provide-client-params.ec2.RunInstances", no_spot_capacity)
+    cfg = config(network, spot_workers=True)
+    labels = {TAG_CLUSTER: cluster_id_for("posttrain__t", "spot"), TAG_DAG: "posttrain__t", TAG_RUN: "spot"}
+    with caplog.at_level(logging.WARNING, logger="test-ec2"):
+        info = hook.provision(cfg, labels, "t", 1, time.monotonic() + 60, LOG)
+    assert spot_calls == ["g5.xlarge"]
+    assert "no spot capacity for 2 × g5.xlarge (InsufficientInstanceCapacity); launching on-demand" in caplog.text
+    workers = [i for i in hook.instances(info["cluster_id"]) if i["InstanceId"] != info["head_instance_id"]]
+    assert len(workers) == 2 and all(w.get("InstanceLifecycle") != "spot" for w in workers)
+    hook.terminate_cluster(info["cluster_id"])
+
+
+def test_gc_terminates_clusters_whose_run_is_over(network: dict) -> None:
+    cfg = config(network, worker_nodes=1)
+    hook, running = provision(cfg, "manual__still-running")
+    _, failed = provision(cfg, "manual__marked-failed")
+    states = {"manual__still-running": "running", "manual__marked-failed": "failed"}
+    young = collect(hook, timedelta(hours=6), run_state=lambda dag, run: states[run])
+    assert young["terminated"] == []  # both clusters are younger than 6 h
+    report = collect(hook, timedelta(0), run_state=lambda dag, run: states[run])
+    assert [c["cluster_id"] for c in report["terminated"]] == [failed["cluster_id"]]
+    assert hook.instances(failed["cluster_id"]) == [] and len(hook.instances(running["cluster_id"])) == 2
+    hook.terminate_cluster(running["cluster_id"])

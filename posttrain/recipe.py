@@ -336,6 +336,13 @@ def local_path(uri: str) -> Path:
     return Path(uri)
 
 
+def model_location(uri: str) -> str:
+    """What from_pretrained takes: a local folder for file:// (or plain paths), org/name for hf://."""
+    if uri.startswith("hf://"):
+        return uri.removeprefix("hf://")
+    return str(local_path(uri))
+
+
 def _errors(exc: ValidationError) -> list[tuple[str, str]]:
     out = []
     for err in exc.errors():

@@ -12,6 +12,7 @@ Built on the amazon provider's EC2Hook (connection, region, endpoint from `aws_c
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 import time
 from typing import Any
@@ -46,10 +47,15 @@ def user_data(cfg: Ec2Config, role: str, cluster_id: str, token: str, head_ip: s
     ray = (f"ray start --head --port={cfg.ray_port} --dashboard-host=0.0.0.0 --dashboard-port=8265"
            if role == "head" else f"ray start --address={head_ip}:{cfg.ray_port}")
     gpu_flags = "--gpus all " if gpus else ""
+    registry = cfg.image.split("/", 1)[0]
+    ecr = re.fullmatch(r"\d{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com", registry)
+    login = ([f"aws ecr get-login-password --region {ecr.group(1)} | docker login --username AWS "
+              f"--password-stdin {registry}"] if ecr else [])  # the instance profile needs ECR read access
     return "\n".join([
         "#!/bin/bash",
         "set -euo pipefail",
         f"# posttrain Ray cluster {cluster_id}: {role}",
+        *login,
         f"docker run -d --name posttrain-ray --restart on-failure:3 --network host --shm-size=16g {gpu_flags}"
         f"-e RAY_AUTH_MODE=token -e RAY_AUTH_TOKEN={shlex.quote(token)} {shlex.quote(cfg.image)} "
         f"{ray} --num-gpus={gpus} --block --disable-usage-stats",

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from posttrain.recipe import Recipe
-from posttrain.training_lib.models.loading import apply_lora, model_location, pad_vocab
+from posttrain.recipe import Recipe, model_location
+from posttrain.training_lib.models.loading import apply_lora, pad_vocab
 from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
 

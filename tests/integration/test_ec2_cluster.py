@@ -80,6 +80,8 @@ def test_launch_parameters(network: dict) -> None:
     head_script = user_data(ec2, head["InstanceId"])
     assert "ray start --head --port=6379" in head_script and "posttrain-ray:0.1.0" in head_script
     assert "RAY_AUTH_TOKEN=secret-token" in head_script and "--gpus all" not in head_script
+    assert ("aws ecr get-login-password --region us-east-1 | docker login --username AWS --password-stdin "
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com") in head_script
     for w in workers:
         script = user_data(ec2, w["InstanceId"])
         assert f"ray start --address={head['PrivateIpAddress']}:6379" in script and "--gpus all" in script

@@ -12,14 +12,7 @@ from typing import Any
 
 import torch
 
-from posttrain.recipe import Recipe, local_path
-
-
-def model_location(uri: str) -> str:
-    """What from_pretrained takes: a local folder for file:// (or plain paths), org/name for hf://."""
-    if uri.startswith("hf://"):
-        return uri.removeprefix("hf://")
-    return str(local_path(uri))
+from posttrain.recipe import Recipe, local_path, model_location
 
 
 def model_dir(uri: str) -> Path:

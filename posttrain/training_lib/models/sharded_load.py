@@ -95,32 +95,26 @@ def load_shards(model: torch.nn.Module, model_dir: Path, seed: int) -> LoadRepor
 
     index = safetensors_index(model_dir)
     report = LoadReport()
-    handles: dict[Path, object] = {}
-    try:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                local, shape, offset = local_region(param)
-                report.local_bytes += local.numel() * local.element_size()
-                report.full_bytes += param.numel() * param.element_size()
-                if local.numel() == 0:
-                    continue
-                key = checkpoint_name(name)
-                if key == "lm_head.weight" and key not in index:  # tied: stored once, as the embedding
-                    key = "model.embed_tokens.weight"
-                region = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-                if key not in index:
-                    local.copy_(_seeded_init(key, tuple(param.shape), seed)[region])
-                    report.initialized.append(key)
-                    continue
-                path = index[key]
-                if path not in handles:
-                    handles[path] = safe_open(str(path), framework="pt").__enter__()
-                stored = handles[path].get_slice(key)
-                _copy_region(local, stored, key, tuple(param.shape), offset, shape, report)
-                report.tensors_read += 1
-    finally:
-        for fh in handles.values():
-            fh.__exit__(None, None, None)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local, shape, offset = local_region(param)
+            report.local_bytes += local.numel() * local.element_size()
+            report.full_bytes += param.numel() * param.element_size()
+            if local.numel() == 0:
+                continue
+            key = checkpoint_name(name)
+            if key == "lm_head.weight" and key not in index:  # tied: stored once, as the embedding
+                key = "model.embed_tokens.weight"
+            region = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+            if key not in index:
+                local.copy_(_seeded_init(key, tuple(param.shape), seed)[region])
+                report.initialized.append(key)
+                continue
+            # One open per tensor: the file is memory-mapped, and a mapping kept open for the whole
+            # load keeps every page read so far resident (the shard plus the file pages behind it).
+            with safe_open(str(index[key]), framework="pt") as fh:
+                _copy_region(local, fh.get_slice(key), key, tuple(param.shape), offset, shape, report)
+            report.tensors_read += 1
     return report
 
 

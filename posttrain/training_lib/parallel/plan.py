@@ -25,6 +25,8 @@ class Plan:
     compile: bool
     world_size: int
     tensor_parallel: int = 1
+    checkpoint_every: int = 50  # steps between checkpoints; the newest `keep_checkpoints` are kept
+    keep_checkpoints: int = 2
     reasons: tuple[str, ...] = ()  # why `auto` settings came out as they did
 
     @property
@@ -72,7 +74,9 @@ def choose_plan(recipe: Recipe, world_size: int, device: str, bf16_capable: bool
         # Checkpointing trades compute for memory: worth it on accelerators, not for CPU-sized models.
         ac = device == "cuda"
     return Plan(strategy=strategy, device=device, param_dtype=precision, activation_checkpointing=ac,
-                compile=t.compile, world_size=world_size, tensor_parallel=tp, reasons=tuple(reasons))
+                compile=t.compile, world_size=world_size, tensor_parallel=tp,
+                checkpoint_every=min(t.checkpoint_every, t.max_steps or t.checkpoint_every),
+                keep_checkpoints=t.keep_checkpoints, reasons=tuple(reasons))
 
 
 def plan_problems(recipe: Recipe, plan: Plan, shape: ModelShape) -> list[tuple[str, str]]:

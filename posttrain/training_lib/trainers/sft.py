@@ -82,8 +82,8 @@ def train_loop(config: dict) -> None:
         tokens = int(sum(b["input_ids"].numel() for b in micro)) * dp_size
         if step % t.log_every == 0 or step == max_steps:
             logger.log(step, float(loss_sum / targets.clamp(min=1)), lr, grad_norm, tokens)
-        if step % t.checkpoint_every == 0 or step == max_steps:
-            checkpoint.save(ckpt_root, step, model, optimizer, loader.state_dict(), rank, t.keep_checkpoints)
+        if step % plan.checkpoint_every == 0 or step == max_steps:
+            checkpoint.save(ckpt_root, step, model, optimizer, loader.state_dict(), rank, plan.keep_checkpoints)
 
     logger.close()  # ends the MLflow run (rank 0) with the summary of the metrics
     model_dir = export(model, recipe, workspace, rank)

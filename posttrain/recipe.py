@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from posttrain import instance_types
 
 IMPLEMENTED_PARADIGMS = ("sft",)
-IMPLEMENTED_PROVIDERS = ("local", "ray")
+IMPLEMENTED_PROVIDERS = ("local", "ray", "ec2")
 EVAL_METRICS = ("eval_loss", "exact_match")
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 # libyaml's loader when present: the DAG processor parses every recipe on every pass.

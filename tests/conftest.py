@@ -147,8 +147,10 @@ def free_port() -> int:
 def moto_server() -> Iterator[str]:
     """moto's server on a free loopback port, with an `aws_moto` Airflow connection pointing at it."""
     port = free_port()
+    # Instance types are checked as EC2 checks them (an unknown type fails the launch).
+    env = {**os.environ, "MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION": "true"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -185,3 +187,27 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     finally:
         LocalRayCluster.stop(info)
     assert LocalRayCluster.processes(info) == []
+
+
+@pytest.fixture(scope="module")
+def ec2_network(moto_server: str) -> dict[str, Any]:
+    """A VPC, subnet, security group, instance profile and AMI on the moto server."""
+    import boto3
+
+    kw = {"endpoint_url": moto_server, "region_name": "us-east-1"}
+    ec2, iam = boto3.client("ec2", **kw), boto3.client("iam", **kw)
+    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.1.0/24")["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName="ray", Description="ray nodes", VpcId=vpc)["GroupId"]
+    iam.create_instance_profile(InstanceProfileName="posttrain-ray-node")
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    return {"ec2": ec2, "subnet": subnet, "sg": sg, "ami": ami}
+
+
+def ec2_settings(network: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """A recipe's compute.ec2 for the moto network (a head and 2 g5.xlarge workers)."""
+    return {"aws_conn_id": "aws_moto", "region": "us-east-1", "head_instance_type": "m6i.xlarge",
+            "worker_instance_type": "g5.xlarge", "worker_nodes": 2, "ami": network["ami"],
+            "subnet_id": network["subnet"], "security_group_ids": [network["sg"]],
+            "iam_instance_profile": "posttrain-ray-node", "tags": {"team": "ml"},
+            "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/posttrain-ray:0.1.0", **overrides}

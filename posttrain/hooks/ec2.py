@@ -23,6 +23,7 @@ TAG_CLUSTER, TAG_DAG, TAG_RUN, TAG_ROLE = ("posttrain:cluster-id", "posttrain:da
                                            "posttrain:role")
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 GONE_STATES = ("shutting-down", "terminated")
+ALL_STATES = LIVE_STATES + GONE_STATES
 # What EC2 answers when spot (or any) capacity isn't there: workers then fall back to on-demand.
 CAPACITY_ERRORS = {"InsufficientInstanceCapacity", "SpotMaxPriceTooLow", "MaxSpotInstanceCountExceeded",
                    "InsufficientCapacity", "UnfulfillableCapacity", "InsufficientFreeAddressesInSubnet"}

@@ -56,12 +56,21 @@ class RayClusterOperator(PosttrainOperator):
         hook = Ec2ClusterHook(cfg.aws_conn_id, cfg.region)
         labels = {TAG_CLUSTER: cluster_id, TAG_DAG: dag_id, TAG_RUN: run_id}
         deadline = time.monotonic() + cfg.launch_timeout_s
-        info = hook.provision(cfg, labels, token_file.read_text(), compute.gpus_per_worker and
-                              instance_types.gpus(cfg.worker_instance_type), deadline, self.log)
-        info["token_file"] = str(token_file)
-        # Running instances are not a cluster yet: wait for Ray on every node (never forever).
-        RayJobHook(address=info["dashboard_url"], token_file=str(token_file)).wait_nodes(
-            info["nodes"], max(1.0, deadline - time.monotonic()))
+        try:
+            info = hook.provision(cfg, labels, token_file.read_text(), compute.gpus_per_worker and
+                                  instance_types.gpus(cfg.worker_instance_type), deadline, self.log)
+            info["token_file"] = str(token_file)
+            # Running instances are not a cluster yet: wait for Ray on every node (never forever).
+            RayJobHook(address=info["dashboard_url"], token_file=str(token_file)).wait_nodes(
+                info["nodes"], max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            # A failed setup skips its teardown task (Airflow runs teardowns only after a setup
+            # that succeeded): the last try terminates what was launched; an earlier one leaves
+            # it for the retry to reuse.
+            if context["ti"].try_number > self.retries:
+                self.log.error("setup failed on its last try: terminating cluster %s", cluster_id)
+                hook.terminate_cluster(cluster_id)
+            raise
         return info
 
 

@@ -10,41 +10,21 @@ import time
 from datetime import timedelta
 from typing import Any
 
-import boto3
-import pytest
-
 from posttrain.gc import collect
 from posttrain.hooks.ec2 import TAG_CLUSTER, TAG_DAG, TAG_RUN, Ec2ClusterHook, cluster_id_for, tag
-from posttrain.recipe import Ec2Config
+from posttrain.recipe import Ec2Config, load_recipe
+from tests.conftest import ec2_settings
 
 LOG = logging.getLogger("test-ec2")
 
 
-@pytest.fixture(scope="module")
-def network(moto_server: str) -> dict[str, Any]:
-    """A VPC, subnet, security group, instance profile and AMI on the moto server."""
-    kw = {"endpoint_url": moto_server, "region_name": "us-east-1"}
-    ec2, iam = boto3.client("ec2", **kw), boto3.client("iam", **kw)
-    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.1.0/24")["Subnet"]["SubnetId"]
-    sg = ec2.create_security_group(GroupName="ray", Description="ray nodes", VpcId=vpc)["GroupId"]
-    iam.create_instance_profile(InstanceProfileName="posttrain-ray-node")
-    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    return {"ec2": ec2, "subnet": subnet, "sg": sg, "ami": ami}
-
-
 def config(network: dict, **overrides: Any) -> Ec2Config:
-    return Ec2Config(**{
-        "aws_conn_id": "aws_moto", "region": "us-east-1", "head_instance_type": "m6i.xlarge",
-        "worker_instance_type": "g5.xlarge", "worker_nodes": 2, "ami": network["ami"],
-        "subnet_id": network["subnet"], "security_group_ids": [network["sg"]],
-        "iam_instance_profile": "posttrain-ray-node", "tags": {"team": "ml"},
-        "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/posttrain-ray:0.1.0", **overrides})
+    return Ec2Config(**ec2_settings(network, **overrides))
 
 
-def provision(cfg: Ec2Config, run_id: str) -> tuple[Ec2ClusterHook, dict]:
+def provision(cfg: Ec2Config, run_id: str, dag_id: str = "posttrain__t") -> tuple[Ec2ClusterHook, dict]:
     hook = Ec2ClusterHook("aws_moto", "us-east-1")
-    labels = {TAG_CLUSTER: cluster_id_for("posttrain__t", run_id), TAG_DAG: "posttrain__t", TAG_RUN: run_id}
+    labels = {TAG_CLUSTER: cluster_id_for(dag_id, run_id), TAG_DAG: dag_id, TAG_RUN: run_id}
     info = hook.provision(cfg, labels, "secret-token", gpus_per_node=1, deadline=time.monotonic() + 60, log=LOG)
     return hook, info
 
@@ -54,18 +34,18 @@ def user_data(ec2: Any, instance_id: str) -> str:
     return base64.b64decode(value).decode()
 
 
-def test_launch_parameters(network: dict) -> None:
-    hook, info = provision(config(network), "manual__launch")
-    ec2 = network["ec2"]
+def test_launch_parameters(ec2_network: dict) -> None:
+    hook, info = provision(config(ec2_network), "manual__launch")
+    ec2 = ec2_network["ec2"]
     instances = hook.instances(info["cluster_id"])
     assert len(instances) == 3
     head = next(i for i in instances if i["InstanceId"] == info["head_instance_id"])
     workers = [i for i in instances if i["InstanceId"] != info["head_instance_id"]]
     assert head["InstanceType"] == "m6i.xlarge" and {w["InstanceType"] for w in workers} == {"g5.xlarge"}
     for i in instances:
-        assert i["ImageId"] == network["ami"] and i["SubnetId"] == network["subnet"]
+        assert i["ImageId"] == ec2_network["ami"] and i["SubnetId"] == ec2_network["subnet"]
         (eni,) = i["NetworkInterfaces"]  # launched with one interface: its groups are the node's
-        assert [g["GroupId"] for g in eni["Groups"]] == [network["sg"]] and eni["SubnetId"] == network["subnet"]
+        assert [g["GroupId"] for g in eni["Groups"]] == [ec2_network["sg"]] and eni["SubnetId"] == ec2_network["subnet"]
         assert i["MetadataOptions"]["HttpTokens"] == "required"
         assert not i.get("PublicIpAddress")
         assert tag(i, TAG_CLUSTER) == info["cluster_id"] and tag(i, TAG_RUN) == "manual__launch"
@@ -89,14 +69,14 @@ def test_launch_parameters(network: dict) -> None:
     hook.terminate_cluster(info["cluster_id"])
 
 
-def test_a_retried_setup_reuses_the_cluster_and_completes_it(network: dict) -> None:
-    cfg = config(network)
+def test_a_retried_setup_reuses_the_cluster_and_completes_it(ec2_network: dict) -> None:
+    cfg = config(ec2_network)
     hook, first = provision(cfg, "manual__retry")
     _, again = provision(cfg, "manual__retry")
     assert again["head_instance_id"] == first["head_instance_id"]
     assert sorted(again["worker_instance_ids"]) == sorted(first["worker_instance_ids"])
     # One worker lost between tries: the retry launches exactly one, not a second cluster.
-    network["ec2"].terminate_instances(InstanceIds=first["worker_instance_ids"][:1])
+    ec2_network["ec2"].terminate_instances(InstanceIds=first["worker_instance_ids"][:1])
     _, third = provision(cfg, "manual__retry")
     assert len(hook.instances(first["cluster_id"])) == 3
     assert third["head_instance_id"] == first["head_instance_id"]
@@ -105,7 +85,7 @@ def test_a_retried_setup_reuses_the_cluster_and_completes_it(network: dict) -> N
     assert hook.instances(first["cluster_id"]) == []
 
 
-def test_spot_workers_fall_back_to_on_demand_without_capacity(network: dict, caplog) -> None:
+def test_spot_workers_fall_back_to_on_demand_without_capacity(ec2_network: dict, caplog) -> None:
     from botocore.exceptions import ClientError
 
     hook = Ec2ClusterHook("aws_moto", "us-east-1")
@@ -118,7 +98,7 @@ def test_spot_workers_fall_back_to_on_demand_without_capacity(network: dict, cap
                               "RunInstances")
 
     hook.client.meta.events.register("provide-client-params.ec2.RunInstances", no_spot_capacity)
-    cfg = config(network, spot_workers=True)
+    cfg = config(ec2_network, spot_workers=True)
     labels = {TAG_CLUSTER: cluster_id_for("posttrain__t", "spot"), TAG_DAG: "posttrain__t", TAG_RUN: "spot"}
     with caplog.at_level(logging.WARNING, logger="test-ec2"):
         info = hook.provision(cfg, labels, "t", 1, time.monotonic() + 60, LOG)
@@ -129,8 +109,8 @@ def test_spot_workers_fall_back_to_on_demand_without_capacity(network: dict, cap
     hook.terminate_cluster(info["cluster_id"])
 
 
-def test_gc_terminates_clusters_whose_run_is_over(network: dict) -> None:
-    cfg = config(network, worker_nodes=1)
+def test_gc_terminates_clusters_whose_run_is_over(ec2_network: dict) -> None:
+    cfg = config(ec2_network, worker_nodes=1)
     hook, running = provision(cfg, "manual__still-running")
     _, failed = provision(cfg, "manual__marked-failed")
     states = {"manual__still-running": "running", "manual__marked-failed": "failed"}
@@ -140,3 +120,28 @@ def test_gc_terminates_clusters_whose_run_is_over(network: dict) -> None:
     assert [c["cluster_id"] for c in report["terminated"]] == [failed["cluster_id"]]
     assert hook.instances(failed["cluster_id"]) == [] and len(hook.instances(running["cluster_id"])) == 2
     hook.terminate_cluster(running["cluster_id"])
+
+
+def test_teardown_task_terminates_the_run_cluster_without_its_xcom(tmp_path, ec2_network: dict) -> None:
+    """The teardown derives the cluster id from the run, so it needs neither the setup's XCom nor
+    cluster.json: only the recipe in the workspace (written by the first task)."""
+    from types import SimpleNamespace
+
+    from posttrain.operators.ray_cluster import RayClusterTeardownOperator
+    from tests.conftest import write_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, name="ec2-teardown", compute={
+        "provider": "ec2", "workers": 1, "ec2": ec2_settings(ec2_network, worker_nodes=1)}))
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "recipe.json").write_text(recipe.model_dump_json())
+    hook, info = provision(recipe.compute.ec2, "manual__teardown", dag_id=recipe.dag_id)
+    other_hook, other = provision(recipe.compute.ec2, "manual__another-run", dag_id=recipe.dag_id)
+    teardown = RayClusterTeardownOperator(task_id="ray_cluster_teardown", workspace=f"file://{workspace}",
+                                          cluster=None)
+    context = {"ti": SimpleNamespace(dag_id=recipe.dag_id), "run_id": "manual__teardown"}
+    result = teardown.execute(context)
+    assert result["cluster_id"] == info["cluster_id"] and result["stopped"] == 2
+    assert hook.instances(info["cluster_id"]) == []
+    assert len(hook.instances(other["cluster_id"])) == 2  # another run's cluster is not touched
+    hook.terminate_cluster(other["cluster_id"])

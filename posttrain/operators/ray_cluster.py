@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from posttrain import instance_types
+from posttrain.links import RayDashboardLink
 from posttrain.operators.base import PosttrainOperator
 
 
@@ -19,6 +20,7 @@ class RayClusterOperator(PosttrainOperator):
     """Setup task: returns the cluster's address, dashboard URL and whatever teardown needs."""
 
     ui_color = "#e6f4ea"
+    operator_extra_links = (RayDashboardLink(),)
 
     def execute(self, context: Any) -> dict[str, Any]:
         from posttrain.hooks.ray import LocalRayCluster, RayJobHook
@@ -35,6 +37,7 @@ class RayClusterOperator(PosttrainOperator):
             info = {"provider": "ray", "ray_conn_id": compute.ray_conn_id, "python": "python"}
         self.storage.write_json_atomic(f"{self.workspace}/cluster.json", info)
         self.log.info("Ray cluster ready: %s", info.get("dashboard_url") or info.get("ray_conn_id"))
+        RayDashboardLink.persist(context, info.get("dashboard_url"))
         return info
 
     def _provision_ec2(self, context: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 from airflow.configuration import conf
 from airflow.sdk.exceptions import AirflowException
 
+from posttrain.links import RayDashboardLink
 from posttrain.operators.base import PosttrainOperator
 from posttrain.paths import safe_name
 
@@ -21,6 +22,7 @@ class RayJobFailed(AirflowException):
 class RayJobOperator(PosttrainOperator):
     stage: str = ""
     template_fields = ("workspace", "cluster")
+    operator_extra_links = (RayDashboardLink(),)
 
     def __init__(self, *, cluster: dict[str, Any] | str, poll_interval: float = 2.0, timeout_s: float = 24 * 3600,
                  deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=True), **kwargs: Any):
@@ -49,6 +51,8 @@ class RayJobOperator(PosttrainOperator):
             hook.submit_job(entrypoint, self.job_id, metadata={"dag_id": ti.dag_id, "run_id": ti.run_id,
                                                                "task_id": ti.task_id}, entrypoint_num_cpus=0)
             self.log.info("submitted Ray job %s: %s", self.job_id, entrypoint)
+        if self.cluster.get("dashboard_url"):
+            RayDashboardLink.persist(context, f"{self.cluster['dashboard_url'].rstrip('/')}/#/jobs/{self.job_id}")
         if self.deferrable:
             from posttrain.triggers.ray import RayJobTrigger
 

@@ -23,4 +23,5 @@ def get_provider_info() -> dict[str, Any]:
             "posttrain.operators.ray_cluster", "posttrain.operators.train", "posttrain.operators.evaluate",
             "posttrain.operators.promote"]}],
         "triggers": [{"integration-name": "Ray", "python-modules": ["posttrain.triggers.ray"]}],
+        "extra-links": ["posttrain.links.RayDashboardLink"],
     }

@@ -30,6 +30,11 @@ def test_training_failure_still_tears_the_head_down(tmp_path: Path, tiny_model: 
     assert str(run.state) == "failed"
     cluster = json.loads((workspace_of(recipe, run) / "cluster.json").read_text())
     assert LocalRayCluster.processes(cluster) == []
+    # The extra links the task pages show: the dashboard, and the failed job's page on it.
+    links = link_xcoms(run)
+    assert links["ray_cluster"] == cluster["dashboard_url"]
+    assert links["train"].startswith(f"{cluster['dashboard_url']}/#/jobs/posttrain-posttrain__train-fails-")
+    assert links["train"].endswith("-train-try1")
     assert not Path(cluster["temp_dir"]).exists()
     out = capfd.readouterr()
     text = out.out + out.err
@@ -52,3 +57,19 @@ def test_teardown_finds_the_head_without_the_workspace(tmp_path: Path) -> None:
         assert LocalRayCluster.processes(info) == []
     finally:
         LocalRayCluster.stop(info)
+
+
+def link_xcoms(run) -> dict[str, str]:  # noqa: ANN001
+    from types import SimpleNamespace
+
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from posttrain.links import RayDashboardLink
+
+    with create_session() as session:
+        rows = session.execute(select(XComModel.task_id, XComModel.value).where(
+            XComModel.dag_id == run.dag_id, XComModel.run_id == run.run_id,
+            XComModel.key == RayDashboardLink().xcom_key)).all()
+    return {task: XComModel.deserialize_value(SimpleNamespace(value=value)) for task, value in rows}

@@ -1,0 +1,25 @@
+"""Extra links on the task page: the Ray dashboard of the run's cluster, and the job's page on it.
+
+Airflow 3 serves a link from the XCom its operator pushed under the link's `xcom_key` (the API
+server never imports the provider), so the operators push the URL when they know it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperatorLink
+
+
+class RayDashboardLink(BaseOperatorLink):
+    name = "Ray dashboard"
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        from airflow.providers.common.compat.sdk import XCom
+
+        return XCom.get_value(key=self.xcom_key, ti_key=ti_key) or ""
+
+    @classmethod
+    def persist(cls, context: Any, url: str | None) -> None:
+        if url:
+            context["ti"].xcom_push(key=cls().xcom_key, value=url)

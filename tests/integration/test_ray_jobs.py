@@ -91,3 +91,25 @@ def test_existing_cluster_through_a_ray_connection(cluster: dict[str, Any], monk
     job = hook.submit_job(f"{cluster['python']} -c \"print('via connection')\"", "conn-job")
     event = run_trigger(RayJobTrigger(job_id=job, ray_conn_id="ray_existing", poll_interval=0.5))
     assert event["status"] == "SUCCEEDED" and "via connection" in event["log_tail"]
+
+
+def test_a_restarted_triggerer_picks_the_job_up_from_its_id(cluster: dict[str, Any]) -> None:
+    """The first trigger dies mid-job (its task cancelled, as when the triggerer restarts); a new
+    one built from the serialized kwargs alone follows the same job to its end, with the whole log."""
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    script = "import time; [(print(f'tick {i}', flush=True), time.sleep(1)) for i in range(6)]"
+    job = hook.submit_job(f"{cluster['python']} -c \"{script}\"", "restart-job")
+    first = RayJobTrigger(job_id=job, address=cluster["dashboard_url"], token_file=cluster["token_file"],
+                          poll_interval=0.5)
+
+    async def watch_then_die() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(first.run().__anext__(), timeout=2.5)
+
+    asyncio.run(watch_then_die())
+    assert hook.get_job(job)["status"] not in ("SUCCEEDED", "FAILED")  # still running when the watcher died
+    path, kwargs = first.serialize()
+    module, _, name = path.rpartition(".")
+    event = run_trigger(getattr(importlib.import_module(module), name)(**kwargs))
+    assert event["status"] == "SUCCEEDED" and event["job_id"] == job
+    assert all(f"tick {i}" in event["log_tail"] for i in range(6))

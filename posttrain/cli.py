@@ -53,7 +53,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{args.recipe}: model.base: no Llama-family config.json found for {recipe.model.base} (a local "
               "folder, or an hf:// model already in the Hugging Face cache)", file=sys.stderr)
         return 1
-    print(json.dumps(plan_report(recipe, shape, "cuda" if recipe.compute.gpus_per_worker else "cpu"), indent=2))
+    print(json.dumps(plan_report(recipe, shape), indent=2))
     try:
         check_plan(recipe, source=str(args.recipe))
     except RecipeError as exc:

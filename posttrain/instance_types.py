@@ -1,6 +1,7 @@
-"""EC2 instance types the schema knows: the shape of a name, and the GPUs of each GPU type (the
-training plan counts devices from it). A type missing from the table is accepted as a CPU type
-when its name has the right shape; a GPU recipe on it is refused (no devices to train on)."""
+"""EC2 instance types the schema knows: the shape of a name, the GPUs of each GPU type and their
+memory (the training plan counts devices and budgets memory from them). A type missing from the table
+is accepted as a CPU type when its name has the right shape; a GPU recipe on it is refused (no devices
+to train on)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,17 @@ GPUS: dict[str, int] = {
 }
 
 
+# Memory of one GPU of each family (GiB): the training plan's budget on EC2 when the recipe sets none.
+GPU_MEMORY_GIB: dict[str, float] = {"g5": 24, "g6": 24, "g6e": 48, "p4d": 40, "p4de": 80, "p5": 80, "p5e": 141,
+                                    "p5en": 141, "p6-b200": 180}
+
+
 def gpus(instance_type: str) -> int:
     return GPUS.get(instance_type, 0)
+
+
+def gpu_memory_gib(instance_type: str) -> float | None:
+    return GPU_MEMORY_GIB.get(instance_type.split(".", 1)[0]) if gpus(instance_type) else None
 
 
 def check_shape(instance_type: str) -> str:

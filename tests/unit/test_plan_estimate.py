@@ -97,3 +97,15 @@ def test_auto_activation_checkpointing_turns_on_only_when_the_step_would_not_fit
     # An explicit setting wins over the estimate.
     forced = load_recipe(write_recipe(tmp_path / "f", training={"max_steps": 4, "activation_checkpointing": False}))
     assert not choose_plan(forced, 2, "cpu", False, shape, memory_gib=1e-6).activation_checkpointing
+
+
+def test_on_ec2_the_worker_gpu_is_the_memory_budget(tmp_path: Path, tiny_model: Path) -> None:
+    """No memory_per_worker_gib: the plan budgets with the worker type's GPU (g5 → A10G, 24 GiB)."""
+    ec2 = {"region": "us-east-1", "worker_instance_type": "g5.xlarge", "worker_nodes": 2,
+           "ami": "ami-0123456789abcdef0", "subnet_id": "subnet-0123456789abcdef0",
+           "security_group_ids": ["sg-0123456789abcdef0"], "iam_instance_profile": "p", "image": "img:1"}
+    report = _report(write_recipe(tmp_path, compute={"provider": "ec2", "workers": 2, "gpus_per_worker": 1,
+                                                     "ec2": ec2}))
+    assert report["device"] == "cuda" and report["param_dtype"] == "bfloat16"
+    assert report["memory_per_worker_gib"] == 24 and report["fits"] is True
+    assert report["activation_checkpointing"] is False and "24 GiB available" in report["reasons"][0]

@@ -16,6 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from posttrain import instance_types
 from posttrain.recipe import Recipe, RecipeError, local_path
 from posttrain.training_lib.parallel.plan import choose_plan, plan_problems
 
@@ -119,23 +120,34 @@ def model_shape(recipe: Recipe) -> ModelShape | None:
         return None
 
 
-def plan_report(recipe: Recipe, shape: ModelShape, device: str = "cpu") -> dict:
+def memory_budget(recipe: Recipe) -> float | None:
+    """Memory per device the plan must fit in: the recipe's, else on EC2 the worker type's GPU."""
+    c = recipe.compute
+    if c.memory_per_worker_gib is not None:
+        return c.memory_per_worker_gib
+    if c.ec2 is not None and c.gpus_per_worker:
+        return instance_types.gpu_memory_gib(c.ec2.worker_instance_type)
+    return None
+
+
+def plan_report(recipe: Recipe, shape: ModelShape, device: str | None = None) -> dict:
     """The plan `posttrain plan` prints: strategy and precision as the job will choose them on
     `device`, the model's shape, and the memory estimate per device (with the budget, if the
-    recipe gives one)."""
+    recipe gives one). The device defaults to the recipe's: a GPU when workers have GPUs."""
     c = recipe.compute
+    device = device or ("cuda" if c.gpus_per_worker else "cpu")
     # Assumes a GPU worker is bf16-capable (Ampere or newer); the job re-checks on the real device.
     plan = choose_plan(recipe, c.workers, device, bf16_capable=device == "cuda", shape=shape,
-                       memory_gib=c.memory_per_worker_gib)
+                       memory_gib=memory_budget(recipe))
     compute_bytes = 2 if plan.param_dtype == "bfloat16" else 4
     report = {
         **plan.as_dict(), "model": asdict(shape),
         **estimate(recipe, shape, c.workers, compute_bytes, plan.activation_checkpointing, plan.strategy,
                    plan.tensor_parallel),
     }
-    if c.memory_per_worker_gib is not None:
-        report["memory_per_worker_gib"] = c.memory_per_worker_gib
-        report["fits"] = report["total_gib_per_device"] <= c.memory_per_worker_gib
+    if (budget := memory_budget(recipe)) is not None:
+        report["memory_per_worker_gib"] = budget
+        report["fits"] = report["total_gib_per_device"] <= budget
     return report
 
 
@@ -147,9 +159,9 @@ def check_plan(recipe: Recipe, source: str = "<recipe>") -> dict | None:
     if shape is None:
         return None
     device = "cuda" if recipe.compute.gpus_per_worker else "cpu"
-    report = plan_report(recipe, shape, device)
+    report = plan_report(recipe, shape)
     problems = plan_problems(recipe, choose_plan(recipe, recipe.compute.workers, device, device == "cuda", shape,
-                                                 recipe.compute.memory_per_worker_gib), shape)
+                                                 memory_budget(recipe)), shape)
     if report.get("fits") is False:
         problems.append(("compute.memory_per_worker_gib",
                          f"the plan needs about {report['total_gib_per_device']} GiB per worker, the budget is "

@@ -189,7 +189,7 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     assert LocalRayCluster.processes(info) == []
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per moto server: the instance profile can exist only once
 def ec2_network(moto_server: str) -> dict[str, Any]:
     """A VPC, subnet, security group, instance profile and AMI on the moto server."""
     import boto3

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from posttrain.paths import use_repo_tmpdir
 from posttrain.recipe import RecipeError, load_recipe
 
 
@@ -82,6 +83,7 @@ def _parse_conf(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    use_repo_tmpdir()  # temp files of the run and its Ray/vLLM processes stay under POSTTRAIN_HOME
     from posttrain.paths import posttrain_home
 
     recipe_path = Path(args.recipe).resolve()

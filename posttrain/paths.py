@@ -33,4 +33,21 @@ def cache_env() -> dict[str, str]:
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
         "TRITON_CACHE_DIR": str(cache / "triton"),
         "XDG_CACHE_HOME": str(cache),
+        **({"TMPDIR": str(tmp)} if len(str(tmp := posttrain_home() / "tmp")) <= MAX_TMPDIR else {}),
     }
+
+
+# Libraries put Unix sockets under TMPDIR (vLLM's ZMQ ipc paths, multiprocessing's listeners), and
+# socket paths may not exceed 107 bytes: a deep checkout keeps the system's temp dir.
+MAX_TMPDIR = 48
+
+
+def use_repo_tmpdir() -> None:
+    """Point this process's (and its children's) temp files at posttrain_home()/tmp."""
+    import tempfile
+
+    tmp = cache_env().get("TMPDIR")
+    if tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = tmp
+        tempfile.tempdir = None  # gettempdir() caches its first answer

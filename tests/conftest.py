@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from posttrain.paths import use_repo_tmpdir
+
 REPO = Path(__file__).resolve().parents[1]
 HOME = Path(os.environ.get("POSTTRAIN_HOME") or REPO / ".posttrain").resolve()
 TEST_HOME = HOME / "test"
@@ -37,6 +39,8 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GLOO_SOC
                    "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                    "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(key, value)
+# Temp files of this process and everything it starts (Ray workers, vLLM) stay in the repo.
+use_repo_tmpdir()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -113,3 +113,17 @@ def test_a_restarted_triggerer_picks_the_job_up_from_its_id(cluster: dict[str, A
     event = run_trigger(getattr(importlib.import_module(module), name)(**kwargs))
     assert event["status"] == "SUCCEEDED" and event["job_id"] == job
     assert all(f"tick {i}" in event["log_tail"] for i in range(6))
+
+
+def test_jobs_keep_their_temp_files_in_the_repo(cluster: dict[str, Any]) -> None:
+    """Ray workers and job drivers inherit the test's TMPDIR (multiprocessing's pymp-* folders, vLLM's
+    sockets): nothing lands in the system's /tmp."""
+    from posttrain.paths import posttrain_home
+
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    job = hook.submit_job(f"{cluster['python']} -c \"import tempfile; print('tmp=' + tempfile.gettempdir())\"",
+                          "tmpdir-job")
+    event = run_trigger(RayJobTrigger(job_id=job, address=cluster["dashboard_url"], token_file=cluster["token_file"],
+                                      poll_interval=0.5))
+    assert event["status"] == "SUCCEEDED"
+    assert f"tmp={posttrain_home() / 'tmp'}" in event["log_tail"]

@@ -77,11 +77,11 @@ class Ec2ClusterHook:
         filters = [{"Name": "instance-state-name", "Values": list(states)}]
         filters.append({"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster_id]} if cluster_id
                        else {"Name": "tag-key", "Values": [TAG_CLUSTER]})
-        found = []
-        for page in self.client.get_paginator("describe_instances").paginate(Filters=filters):
-            for reservation in page["Reservations"]:
-                found.extend(reservation["Instances"])
-        return found
+        return self._describe(Filters=filters)
+
+    def _describe(self, **kwargs: Any) -> list[dict]:
+        pages = self.client.get_paginator("describe_instances").paginate(**kwargs)
+        return [i for page in pages for reservation in page["Reservations"] for i in reservation["Instances"]]
 
     # --- launching -----------------------------------------------------------------------------
     def resolve_ami(self, cfg: Ec2Config) -> str:
@@ -143,10 +143,7 @@ class Ec2ClusterHook:
     # --- waiting and terminating -----------------------------------------------------------------
     def wait_running(self, ids: list[str], deadline: float, poll: float = 2.0) -> list[dict]:
         while True:
-            found = []
-            for page in self.client.get_paginator("describe_instances").paginate(InstanceIds=ids):
-                for reservation in page["Reservations"]:
-                    found.extend(reservation["Instances"])
+            found = self._describe(InstanceIds=ids)
             states = {i["InstanceId"]: i["State"]["Name"] for i in found}
             dead = [i for i, s in states.items() if s in GONE_STATES + ("stopping", "stopped")]
             if dead:

@@ -30,7 +30,7 @@ class RayClusterOperator(PosttrainOperator):
             info = LocalRayCluster.start(num_cpus=compute.workers * compute.cpus_per_worker + 1,
                                          timeout=compute.startup_timeout_s)
         elif compute.provider == "ec2":
-            info = self._provision_ec2(context)
+            info = self._provision_ec2(context, compute)
         else:
             hook = RayJobHook(ray_conn_id=compute.ray_conn_id)
             hook.wait_ready(compute.startup_timeout_s)
@@ -40,13 +40,12 @@ class RayClusterOperator(PosttrainOperator):
         RayDashboardLink.persist(context, info.get("dashboard_url"))
         return info
 
-    def _provision_ec2(self, context: Any) -> dict[str, Any]:
+    def _provision_ec2(self, context: Any, compute: Any) -> dict[str, Any]:
         import secrets
 
         from posttrain.hooks.ec2 import TAG_CLUSTER, TAG_DAG, TAG_RUN, Ec2ClusterHook, cluster_id_for
         from posttrain.hooks.ray import RayJobHook
 
-        compute = self.load_recipe().compute
         cfg = compute.ec2
         dag_id, run_id = context["ti"].dag_id, context["run_id"]
         cluster_id = cluster_id_for(dag_id, run_id)
@@ -60,8 +59,8 @@ class RayClusterOperator(PosttrainOperator):
         labels = {TAG_CLUSTER: cluster_id, TAG_DAG: dag_id, TAG_RUN: run_id}
         deadline = time.monotonic() + cfg.launch_timeout_s
         try:
-            info = hook.provision(cfg, labels, token_file.read_text(), compute.gpus_per_worker and
-                                  instance_types.gpus(cfg.worker_instance_type), deadline, self.log)
+            gpus_per_node = instance_types.gpus(cfg.worker_instance_type) if compute.gpus_per_worker else 0
+            info = hook.provision(cfg, labels, token_file.read_text(), gpus_per_node, deadline, self.log)
             info["token_file"] = str(token_file)
             # Running instances are not a cluster yet: wait for Ray on every node (never forever).
             RayJobHook(address=info["dashboard_url"], token_file=str(token_file)).wait_nodes(
@@ -99,8 +98,10 @@ class RayClusterTeardownOperator(PosttrainOperator):
         from posttrain.hooks.ray import LocalRayCluster
 
         info = self._cluster_info()
-        if (info or {}).get("provider", "ec2") == "ec2" and self._ec2_recipe() is not None:
-            return self._terminate_ec2(context)
+        # EC2 clusters are found from the run, with or without what the setup task left behind.
+        ec2 = self._ec2_recipe() if info is None or info["provider"] == "ec2" else None
+        if ec2 is not None:
+            return self._terminate_ec2(context, ec2)
         if info is None:
             self.log.info("no cluster was started for this run; nothing to tear down")
             return {"stopped": 0}
@@ -121,10 +122,9 @@ class RayClusterTeardownOperator(PosttrainOperator):
             return None
         return self.load_recipe().compute.ec2
 
-    def _terminate_ec2(self, context: Any) -> dict[str, Any]:
+    def _terminate_ec2(self, context: Any, cfg: Any) -> dict[str, Any]:
         from posttrain.hooks.ec2 import Ec2ClusterHook, cluster_id_for
 
-        cfg = self._ec2_recipe()
         # The id follows from the run: found even if the setup task died before it pushed anything.
         cluster_id = cluster_id_for(context["ti"].dag_id, context["run_id"])
         terminated = Ec2ClusterHook(cfg.aws_conn_id, cfg.region).terminate_cluster(cluster_id)

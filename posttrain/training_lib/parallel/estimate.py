@@ -18,7 +18,7 @@ from pathlib import Path
 
 from posttrain import instance_types
 from posttrain.recipe import Recipe, RecipeError, local_path
-from posttrain.training_lib.parallel.plan import choose_plan, plan_problems
+from posttrain.training_lib.parallel.plan import Plan, choose_plan, plan_problems
 
 GIB = 2**30
 
@@ -130,20 +130,23 @@ def memory_budget(recipe: Recipe) -> float | None:
     return None
 
 
-def plan_report(recipe: Recipe, shape: ModelShape, device: str | None = None) -> dict:
-    """The plan `posttrain plan` prints: strategy and precision as the job will choose them on
-    `device`, the model's shape, and the memory estimate per device (with the budget, if the
-    recipe gives one). The device defaults to the recipe's: a GPU when workers have GPUs."""
-    c = recipe.compute
-    device = device or ("cuda" if c.gpus_per_worker else "cpu")
-    # Assumes a GPU worker is bf16-capable (Ampere or newer); the job re-checks on the real device.
-    plan = choose_plan(recipe, c.workers, device, bf16_capable=device == "cuda", shape=shape,
+def recipe_plan(recipe: Recipe, shape: ModelShape, device: str | None = None) -> Plan:
+    """The plan as the job will choose it on `device` (default: a GPU when workers have GPUs,
+    assumed bf16-capable, Ampere or newer; the job re-checks on the real device)."""
+    device = device or ("cuda" if recipe.compute.gpus_per_worker else "cpu")
+    return choose_plan(recipe, recipe.compute.workers, device, bf16_capable=device == "cuda", shape=shape,
                        memory_gib=memory_budget(recipe))
+
+
+def plan_report(recipe: Recipe, shape: ModelShape, device: str | None = None, plan: Plan | None = None) -> dict:
+    """The plan `posttrain plan` prints: strategy and precision, the model's shape, and the memory
+    estimate per device (with the budget, if there is one)."""
+    plan = plan or recipe_plan(recipe, shape, device)
     compute_bytes = 2 if plan.param_dtype == "bfloat16" else 4
     report = {
         **plan.as_dict(), "model": asdict(shape),
-        **estimate(recipe, shape, c.workers, compute_bytes, plan.activation_checkpointing, plan.strategy,
-                   plan.tensor_parallel),
+        **estimate(recipe, shape, recipe.compute.workers, compute_bytes, plan.activation_checkpointing,
+                   plan.strategy, plan.tensor_parallel),
     }
     if (budget := memory_budget(recipe)) is not None:
         report["memory_per_worker_gib"] = budget
@@ -158,10 +161,9 @@ def check_plan(recipe: Recipe, source: str = "<recipe>") -> dict | None:
     shape = model_shape(recipe)
     if shape is None:
         return None
-    device = "cuda" if recipe.compute.gpus_per_worker else "cpu"
-    report = plan_report(recipe, shape)
-    problems = plan_problems(recipe, choose_plan(recipe, recipe.compute.workers, device, device == "cuda", shape,
-                                                 memory_budget(recipe)), shape)
+    plan = recipe_plan(recipe, shape)
+    report = plan_report(recipe, shape, plan=plan)
+    problems = plan_problems(plan, shape)
     if report.get("fits") is False:
         problems.append(("compute.memory_per_worker_gib",
                          f"the plan needs about {report['total_gib_per_device']} GiB per worker, the budget is "

@@ -79,7 +79,7 @@ def choose_plan(recipe: Recipe, world_size: int, device: str, bf16_capable: bool
                 keep_checkpoints=t.keep_checkpoints, reasons=tuple(reasons))
 
 
-def plan_problems(recipe: Recipe, plan: Plan, shape: ModelShape) -> list[tuple[str, str]]:
+def plan_problems(plan: Plan, shape: ModelShape) -> list[tuple[str, str]]:
     """What makes the plan impossible for this model, as (recipe field, message with the numbers)."""
     tp = plan.tensor_parallel
     problems = []

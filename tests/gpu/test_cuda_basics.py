@@ -1,5 +1,5 @@
 """The same training pieces on CUDA. Skipped where no GPU is present (CI and these machines);
-run on a lent GPU machine with `make test PYTEST_ARGS=tests/gpu`."""
+run on a GPU machine with `bash tests/gpu/run_on_device.sh`."""
 
 from __future__ import annotations
 

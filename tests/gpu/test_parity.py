@@ -1,6 +1,6 @@
 """The CPU parity tests of the training core, on CUDA: sharded loading + logit verifier in bf16,
 tensor parallel over 2 GPUs (when there are 2), compiled blocks, chunked cross-entropy memory and
-NVML readings. Skipped without a GPU; run on a lent one with `make test PYTEST_ARGS=tests/gpu`."""
+NVML readings. Skipped without a GPU; run on one with `bash tests/gpu/run_on_device.sh`."""
 
 from __future__ import annotations
 

@@ -3,13 +3,22 @@ server, and after each no instance tagged with the run may be left running.
 
 Setup failures go through the recipe DAG itself (dag.test: validate → prepare → ray_cluster fails
 → its last try terminates what it launched, since Airflow skips the teardown of a failed setup).
+A failing training job goes through the DAG too: moto's instances run nothing, so the recipe's
+`dashboard_url` points the setup at a two-node Ray cluster on 127.0.0.1 (head + one worker, the
+shape the recipe asks for), the job fails on the cluster, and the teardown must still run.
 The rest drive the same hook the operators use: a spot pool with no capacity, a retried setup, and
 a run marked failed from outside (`posttrain gc` finds it through Airflow's metadata database)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +28,7 @@ import pytest
 from posttrain.gc import airflow_run_state, collect
 from posttrain.hooks.ec2 import ALL_STATES, TAG_CLUSTER, TAG_DAG, TAG_RUN, Ec2ClusterHook, cluster_id_for
 from posttrain.recipe import Ec2Config
-from tests.conftest import ec2_settings, run_recipe, task_states, write_recipe
+from tests.conftest import REPO, ec2_settings, free_port, run_recipe, task_states, write_recipe
 
 LOG = logging.getLogger("fault-matrix")
 SETUP_FAULTS = {
@@ -29,13 +38,40 @@ SETUP_FAULTS = {
 }
 
 
+@pytest.fixture
+def two_node_ray(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A head and one worker node on 127.0.0.1 (tests/multinode_ray.py), stopped afterwards."""
+    import psutil
+
+    ready = tmp_path / "ray-ready.json"
+    # Ray's temp dir holds unix sockets: a short path under the repo's .posttrain.
+    temp = REPO / ".posttrain" / "ray" / f"mn{os.getpid()}"
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with (tmp_path / "ray.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_ray", "2", str(free_port()), str(ready)],
+                                cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "ray.log").read_text()[-3000:]
+            time.sleep(0.5)
+        family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+        yield json.loads(ready.read_text())
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
 def launched_and_running(hook: Ec2ClusterHook, cluster_id: str) -> tuple[int, int]:
     return len(hook.instances(cluster_id, states=ALL_STATES)), len(hook.instances(cluster_id))
 
 
 @pytest.mark.slow
 def test_no_fault_leaves_an_instance_running(tmp_path: Path, ec2_network: dict, airflow_db: None,
-                                             capsys: Any) -> None:
+                                             tiny_model: Path, two_node_ray: dict, capsys: Any) -> None:
     hook = Ec2ClusterHook("aws_moto", "us-east-1")
     rows: list[tuple[str, str, int, int]] = []
 
@@ -50,6 +86,21 @@ def test_no_fault_leaves_an_instance_running(tmp_path: Path, ec2_network: dict, 
         cluster = cluster_id_for(run.dag_id, run.run_id)
         rows.append((case, failed, *launched_and_running(hook, cluster)))
         last_run = run
+
+    # Training fails on the cluster (a model whose weights file is damaged): the teardown still runs.
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)
+    recipe_path = write_recipe(tmp_path / "train-fails", name="ec2-fault-train", model={"base": str(broken)},
+                               compute={"provider": "ec2", "workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1,
+                                        "ec2": ec2_settings(ec2_network, worker_nodes=1,
+                                                            dashboard_url=two_node_ray["dashboard_url"])})
+    run = run_recipe(recipe_path)
+    states = task_states(run)
+    assert states["ray_cluster"] == "success" and states["train"] == "failed", states
+    assert states["ray_cluster_teardown"] == "success", states
+    cluster = cluster_id_for(run.dag_id, run.run_id)
+    rows.append(("training fails (damaged weights file)", "train", *launched_and_running(hook, cluster)))
 
     # Spot capacity error: workers fall back to on-demand; the teardown then terminates them all.
     def no_spot(params: dict, **_: Any) -> None:

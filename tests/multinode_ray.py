@@ -1,0 +1,57 @@
+"""A Ray cluster of several nodes on 127.0.0.1, for tests that need a cluster the size of an EC2 one.
+
+`ray start --address=127.0.0.1:…` for a second node rewrites the loopback address to the machine's
+network address (and refuses outright where multi-node clusters are switched off), so the nodes
+come from Ray's own test utility, `ray.cluster_utils.Cluster`: one head and N-1 raylets in this
+process tree, every one registered as 127.0.0.1. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps the
+processes that connect later (the job agent, job drivers) on 127.0.0.1 too: without it Ray turns
+"127.0.0.1" into the machine's address, where nothing listens.
+
+Run as `python -m tests.multinode_ray NODES DASHBOARD_PORT READY_FILE`: it writes {"address",
+"dashboard_url"} to READY_FILE once every node is up, then holds the cluster until its stdin
+closes or it gets SIGTERM, and on the way out stops every process it started (the dashboard's
+module subprocesses included, which `Cluster.shutdown` leaves behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def main() -> int:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import psutil
+    from ray.cluster_utils import Cluster
+
+    nodes, dashboard_port, ready = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True,
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=1, num_gpus=0, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes(timeout=90)
+        ready.write_text(json.dumps({"address": cluster.address, "dashboard_url": f"http://127.0.0.1:{dashboard_port}"}))
+        stop.wait()
+    finally:
+        started = psutil.Process().children(recursive=True)
+        cluster.shutdown()
+        for proc in started:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(started, timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -125,7 +125,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_sample_data(args: argparse.Namespace) -> int:
     from posttrain import samples
 
-    for split, path in samples.generate(args.out).items():
+    for split, path in samples.generate(args.out, data_format=args.format).items():
         print(f"{split}: {path}")
     return 0
 
@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_tiny_model)
-    p = sub.add_parser("sample-data", help="write the deterministic sample chat data")
+    p = sub.add_parser("sample-data", help="write the deterministic sample data (chat or preference pairs)")
     p.add_argument("out")
+    p.add_argument("--format", choices=["chat", "preference"], default="chat")
     p.set_defaults(func=cmd_sample_data)
     return parser
 

@@ -16,9 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from posttrain import instance_types
 
-IMPLEMENTED_PARADIGMS = ("sft",)
+IMPLEMENTED_PARADIGMS = ("sft", "dpo")
 IMPLEMENTED_PROVIDERS = ("local", "ray", "ec2")
-EVAL_METRICS = ("eval_loss", "exact_match")
+# What the evaluate stage can measure for each paradigm; the first is the default promotion metric.
+PARADIGM_METRICS = {
+    "sft": ("eval_loss", "exact_match"),
+    "dpo": ("preference_accuracy", "reward_margin", "dpo_loss"),
+    "kd": ("eval_loss", "exact_match"),
+    "grpo": ("eval_loss", "exact_match"),
+}
+LOWER_IS_BETTER = ("eval_loss", "dpo_loss")
+PARADIGM_DATA = {"sft": "chat", "dpo": "preference", "kd": "chat", "grpo": "prompt"}
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 # libyaml's loader when present: the DAG processor parses every recipe on every pass.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -139,6 +147,16 @@ class TrainingConfig(_Strict):
         return self
 
 
+class DpoConfig(_Strict):
+    """Direct preference optimization (paradigm dpo, data.format preference)."""
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    # precomputed: the reference log-probs of every train pair are computed once, before the first
+    # update (the policy then is the reference), and kept in the workspace; on_the_fly (LoRA only):
+    # the base model with the adapters disabled scores each batch (no second copy of the weights).
+    reference: Literal["precomputed", "on_the_fly"] = "precomputed"
+
+
 class Ec2Config(_Strict):
     """One Ray cluster per run on EC2: a head node and `worker_nodes` GPU workers running `image`."""
     aws_conn_id: str = "aws_default"
@@ -215,13 +233,14 @@ class EvaluationConfig(_Strict):
     engine: Literal["vllm"] = "vllm"
     max_new_tokens: int = Field(64, ge=1, le=32768)
     max_samples: int = Field(64, ge=1)
-    metrics: list[Literal["eval_loss", "exact_match"]] = Field(
-        default_factory=lambda: ["eval_loss", "exact_match"], min_length=1)
+    # Default: every metric of the paradigm (PARADIGM_METRICS).
+    metrics: list[Literal["eval_loss", "exact_match", "preference_accuracy", "reward_margin", "dpo_loss"]] | None = \
+        Field(None, min_length=1)
 
 
 class PromotionConfig(_Strict):
-    metric: str = "eval_loss"
-    mode: Literal["min", "max"] = "min"
+    metric: str | None = None  # default: the paradigm's first metric
+    mode: Literal["min", "max"] | None = None  # default: min for losses, max otherwise
     min_improvement: float = Field(0.0, ge=0)
 
 
@@ -259,6 +278,7 @@ class Recipe(_Strict):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    dpo: DpoConfig | None = None  # paradigm dpo (defaults when omitted)
 
     @field_validator("paradigm")
     @classmethod
@@ -279,8 +299,10 @@ class Recipe(_Strict):
     def _cross_field(self, info: Any) -> Recipe:
         if self.schedule is not None and self.trigger_on_assets:
             raise ValueError("schedule and trigger_on_assets are exclusive: a DAG runs on a timetable or on assets")
-        if self.paradigm == "sft" and self.data.format != "chat":
-            raise ValueError(f"paradigm 'sft' needs data.format 'chat', got {self.data.format!r}")
+        if self.data.format != PARADIGM_DATA[self.paradigm]:
+            raise ValueError(f"paradigm {self.paradigm!r} needs data.format {PARADIGM_DATA[self.paradigm]!r}, "
+                             f"got {self.data.format!r}")
+        self._paradigm_sections()
         tp = self.training.tensor_parallel
         if tp > 1 and self.compute.workers % tp:
             raise ValueError(f"training.tensor_parallel {tp} does not divide compute.workers "
@@ -290,6 +312,7 @@ class Recipe(_Strict):
                              "the frozen base) or drop model.lora")
         if not self.data.eval:
             raise ValueError("data.eval is required: evaluation and promotion compare models on an eval split")
+        self._evaluation_defaults()
         if self.promotion.metric not in self.evaluation.metrics:
             raise ValueError(f"promotion.metric {self.promotion.metric!r} is not produced by evaluation; "
                              f"evaluation.metrics is {self.evaluation.metrics}")
@@ -303,6 +326,31 @@ class Recipe(_Strict):
                 self.data.eval = resolve_uri(self.data.eval, base_dir)
             self.storage.root = resolve_uri(self.storage.root, base_dir)
         return self
+
+    def _paradigm_sections(self) -> None:
+        """Each paradigm's own section: filled with defaults for it, refused for any other."""
+        for name, default in (("dpo", DpoConfig),):
+            if self.paradigm == name and getattr(self, name) is None:
+                setattr(self, name, default())
+            elif self.paradigm != name and getattr(self, name) is not None:
+                raise ValueError(f"section {name!r} is for paradigm {name!r}; this recipe's paradigm is "
+                                 f"{self.paradigm!r}")
+        if self.dpo is not None and self.dpo.reference == "on_the_fly" and self.model.lora is None:
+            raise ValueError("dpo.reference 'on_the_fly' scores with the base model (LoRA adapters disabled) "
+                             "and needs model.lora; without LoRA use 'precomputed'")
+
+    def _evaluation_defaults(self) -> None:
+        allowed = PARADIGM_METRICS[self.paradigm]
+        if self.evaluation.metrics is None:
+            self.evaluation.metrics = list(allowed)
+        wrong = [m for m in self.evaluation.metrics if m not in allowed]
+        if wrong:
+            raise ValueError(f"evaluation.metrics {wrong} are not measured for paradigm {self.paradigm!r}; "
+                             f"allowed: {list(allowed)}")
+        if self.promotion.metric is None:
+            self.promotion.metric = allowed[0]
+        if self.promotion.mode is None:
+            self.promotion.mode = "min" if self.promotion.metric in LOWER_IS_BETTER else "max"
 
     @property
     def dag_id(self) -> str:

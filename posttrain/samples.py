@@ -1,5 +1,8 @@
 """Deterministic synthetic chat data for the demo, the tests and the tiny tokenizer.
 
+Formats: `chat` (dags/data/tiny-chat) and `preference` (dags/data/tiny-preference: the same
+tasks as one-turn prompts with a right and a wrong reply).
+
 Conversations are small verifiable tasks (arithmetic, word reversal, counting, facts about a
 made-up world) with system prompts, one to several turns, and a skewed length distribution (most
 short, a few long), so packing has something to do. Nothing here is copied from a data set.
@@ -75,17 +78,57 @@ def conversation(rng: random.Random) -> dict:
     return {"messages": messages}
 
 
-def generate(out_dir: str | Path, train_rows: int = 400, eval_rows: int = 64, seed: int = 1234) -> dict[str, Path]:
-    """Write train.jsonl and eval.jsonl under out_dir; same seed, same bytes."""
+def _wrong_answer(rng: random.Random, task: str, answer: str) -> str:
+    """A reply of the same form as `answer` that is wrong: what the rejected side of a pair says."""
+    if task == "arithmetic":
+        head, _, value = answer.rstrip(".").rpartition(" is ")
+        right = int(value)
+        wrong = rng.choice([right + d for d in (1, 2, 3, 5, 10)] + [right - d for d in (1, 2, 3, 5) if right >= d])
+        return f"{head} is {wrong}."
+    if task == "reverse":
+        words = answer.split()
+        return " ".join(reversed(words))  # the words back in their original order: not reversed
+    if task == "count":
+        current = next(w for w in NUMBER_WORDS if f" {w} times" in answer)
+        other = rng.choice([w for w in NUMBER_WORDS[1:] if w != current])
+        return answer.replace(f" {current} times", f" {other} times")
+    land = answer.split()[3]
+    other = rng.choice([t for t in TOWNS.values() if t != TOWNS[land]])
+    return answer.replace(TOWNS[land], other)
+
+
+PAIR_TASKS = {"arithmetic": _arithmetic, "reverse": _reverse, "count": _count, "capital": _capital}
+
+
+def preference_pair(rng: random.Random) -> dict:
+    """A one-turn prompt, the right reply (chosen) and a wrong one of the same form (rejected)."""
+    system = rng.choice(SYSTEM_PROMPTS)
+    task = rng.choice(sorted(PAIR_TASKS))
+    question, answer = PAIR_TASKS[task](rng)
+    rejected = _wrong_answer(rng, task, answer)
+    if rejected == answer:  # a reversal of a palindromic list; never happens with distinct words
+        rejected = answer + " " + answer
+    prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+ROW_MAKERS = {"chat": conversation, "preference": preference_pair}
+
+
+def generate(out_dir: str | Path, train_rows: int = 400, eval_rows: int = 64, seed: int = 1234,
+             data_format: str = "chat") -> dict[str, Path]:
+    """Write train.jsonl and eval.jsonl of `data_format` under out_dir; same seed, same bytes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    make = ROW_MAKERS[data_format]
     paths = {}
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
         path = out / f"{split}.jsonl"
         with path.open("w", encoding="utf-8") as fh:
             for _ in range(rows):
-                fh.write(json.dumps(conversation(rng), ensure_ascii=False) + "\n")
+                fh.write(json.dumps(make(rng), ensure_ascii=False) + "\n")
         paths[split] = path
     return paths
 

@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     recipe, workspace = load_workspace(args.workspace)
     if args.stage == "train":
-        from posttrain.training_lib.trainers import sft
+        import importlib
 
-        result = sft.run(recipe, workspace)
+        # One trainer module per paradigm (trainers/sft.py, trainers/dpo.py, …), each with run().
+        trainer = importlib.import_module(f"posttrain.training_lib.trainers.{recipe.paradigm}")
+        result = trainer.run(recipe, workspace)
     else:
         from posttrain.training_lib.evaluation import run as evaluation
 

@@ -66,7 +66,9 @@ class StepLogger:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
-    def log(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int) -> dict:
+    def log(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int,
+            extra: dict[str, float] | None = None) -> dict:
+        """One record; `extra` holds the paradigm's own metrics (e.g. DPO's rewards/accuracy)."""
         now = time.perf_counter()
         elapsed, self.last_time = now - self.last_time, now
         steps, self.last_step = max(1, step - self.last_step), step
@@ -79,6 +81,7 @@ class StepLogger:
             "tokens": tokens * steps,
             "tokens_per_s": round(rate, 1) if rate else None,
             "tokens_per_s_per_device": round(rate / self.world, 1) if rate else None,
+            **{k: round(v, 6) for k, v in (extra or {}).items()},
         }
         utilization = mfu(rate / self.world, self.flops_per_token, self.peak_flops) \
             if rate and self.flops_per_token else None

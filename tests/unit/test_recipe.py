@@ -32,7 +32,15 @@ def test_example_recipe_is_valid_and_resolves_relative_paths() -> None:
     ({"data": {"train": "a.jsonl", "eval": "b.jsonl", "max_seq_len": 0}}, "data.max_seq_len", "greater than 0"),
     ({"compute": {"workers": 0}}, "compute.workers", "greater than or equal to 1"),
     ({"model": {"base": "m", "lora": {"rank": 0}}}, "model.lora.rank", "greater than 0"),
-    ({"paradigm": "dpo"}, "paradigm", "not implemented yet; implemented: sft"),
+    ({"paradigm": "grpo"}, "paradigm", "not implemented yet; implemented: sft, dpo"),
+    ({"paradigm": "dpo"}, "(recipe)", "paradigm 'dpo' needs data.format 'preference', got 'chat'"),
+    ({"dpo": {"beta": 0.1}}, "(recipe)", "section 'dpo' is for paradigm 'dpo'; this recipe's paradigm is 'sft'"),
+    ({"paradigm": "dpo", "data": {"format": "preference"}, "dpo": {"reference": "on_the_fly"}}, "(recipe)",
+     "needs model.lora; without LoRA use 'precomputed'"),
+    ({"paradigm": "dpo", "data": {"format": "preference"}, "dpo": {"beta": 0}}, "dpo.beta", "greater than 0"),
+    ({"evaluation": {"metrics": ["preference_accuracy"]}}, "(recipe)",
+     "evaluation.metrics ['preference_accuracy'] are not measured for paradigm 'sft'; allowed: "
+     "['eval_loss', 'exact_match']"),
     ({"paradigm": "ppo"}, "paradigm", "allowed"),
     ({"training": {"precision": "fp8"}}, "training.precision", "'fp8' is not allowed"),
     ({"compute": {"provider": "ec2"}}, "compute", "compute.ec2 is required with provider 'ec2'"),
@@ -54,6 +62,20 @@ def test_schema_errors_name_the_field(tmp_path: Path, sections: dict, field: str
     path = write_recipe(tmp_path, **sections)
     errors = errors_of(path)
     assert any(loc == field and message in msg for loc, msg in errors), errors
+
+
+def test_each_paradigm_gets_its_metrics_and_promotion_defaults(tmp_path: Path) -> None:
+    from posttrain.recipe import load_recipe
+
+    sft = load_recipe(write_recipe(tmp_path / "sft"))
+    assert (sft.evaluation.metrics, sft.promotion.metric, sft.promotion.mode) == (
+        ["eval_loss", "exact_match"], "eval_loss", "min")
+    dpo = load_recipe(write_recipe(tmp_path / "dpo", paradigm="dpo", data={"format": "preference"}))
+    assert dpo.dpo is not None and (dpo.dpo.beta, dpo.dpo.loss, dpo.dpo.reference) == (0.1, "sigmoid", "precomputed")
+    assert (dpo.promotion.metric, dpo.promotion.mode) == ("preference_accuracy", "max")
+    loss = load_recipe(write_recipe(tmp_path / "dpo-loss", paradigm="dpo", data={"format": "preference"},
+                                    promotion={"metric": "dpo_loss"}))
+    assert loss.promotion.mode == "min"
 
 
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:

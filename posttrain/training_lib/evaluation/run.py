@@ -21,12 +21,19 @@ def run(recipe: Recipe, workspace: Path) -> dict:
 
         model_dir = merged_from_adapter(recipe, workspace / "adapter", workspace / "eval" / "merged")
     require_same_tokenizer(str(model_dir), workspace)
+    wanted = recipe.evaluation.metrics
     metrics: dict = {}
-    if "eval_loss" in recipe.evaluation.metrics:
+    samples: list[dict] = []
+    if recipe.paradigm == "dpo":
+        from posttrain.training_lib.evaluation.preference import preference_metrics
+
+        metrics.update(preference_metrics(recipe, model_dir, workspace))
+    if "eval_loss" in wanted:
         metrics.update(eval_loss(model_dir, workspace))
-    gen_metrics, samples = generate_and_score(recipe, model_dir)
-    if "exact_match" in recipe.evaluation.metrics:
-        metrics.update(gen_metrics)
+    if recipe.data.format == "chat":  # generated samples are kept for reading even without the metric
+        gen_metrics, samples = generate_and_score(recipe, model_dir)
+        if "exact_match" in wanted:
+            metrics.update(gen_metrics)
     out = workspace / "eval"
     out.mkdir(parents=True, exist_ok=True)
     with (out / "samples.jsonl").open("w") as fh:

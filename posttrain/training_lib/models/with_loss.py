@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.training_lib.losses.chunked import chunked_cross_entropy
+from posttrain.training_lib.losses.logprobs import token_logprobs
 from posttrain.training_lib.models.attention import check_isolates_documents
 
 
@@ -28,13 +29,17 @@ class CausalLMWithLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Summed loss over the labelled tokens; without labels, the full logits (for the logit
-        verifier and small checks only: that is the [tokens × vocab] tensor training avoids)."""
+                labels: torch.Tensor | None = None, output: str = "loss") -> torch.Tensor:
+        """`output` "loss": summed loss over the labelled tokens; "token_logprobs": log p(label) per
+        position (0 where unlabelled; DPO and RL sum them per sequence). Without labels, the full
+        logits (for the logit verifier and small checks only: that is the [tokens × vocab] tensor
+        training avoids)."""
         # Packed blocks: no attention mask, documents come from the restarting position ids.
         base = base_model(self.lm)
         check_isolates_documents(base)
         hidden = base.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         if labels is None:
             return hidden @ base.lm_head.weight.t()
+        if output == "token_logprobs":
+            return token_logprobs(hidden, base.lm_head.weight, labels, self.chunk_tokens)
         return chunked_cross_entropy(hidden, base.lm_head.weight, labels, self.chunk_tokens)

@@ -1,0 +1,47 @@
+"""DPO's evaluation on the prepared eval pairs: how often the trained model's implicit reward
+prefers the chosen reply, by what margin, and the DPO loss, against the reference the training
+used (the base model, vocabulary padded the same way; with LoRA, the adapters at their zero
+start change nothing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain.recipe import Recipe
+
+
+@torch.no_grad()
+def preference_metrics(recipe: Recipe, model_dir: Path, workspace: Path, pairs_per_batch: int = 8) -> dict:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.training_lib.data.pairs import collate_pairs, read_pairs
+    from posttrain.training_lib.losses.preference import preference_loss
+    from posttrain.training_lib.models.attention import register
+    from posttrain.training_lib.models.loading import load_for_training
+    from posttrain.training_lib.models.with_loss import CausalLMWithLoss
+    from posttrain.training_lib.trainers.dpo import pair_logprobs
+
+    dpo = recipe.dpo
+    policy = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation=register())).eval()
+    reference = CausalLMWithLoss(load_for_training(recipe.model_copy(update={"model": recipe.model.model_copy(
+        update={"lora": None})}))).eval()
+    pairs = read_pairs(workspace, "eval")
+    pad_id = json.loads((workspace / "data" / "manifest.json").read_text())["tokenizer"]["block_pad_id"]
+    normalize = dpo.loss == "ipo"
+    scored = {"policy": [], "reference": []}
+    for start in range(0, len(pairs), pairs_per_batch):
+        chunk = pairs[start:start + pairs_per_batch]
+        batch = collate_pairs(chunk, pad_id)
+        n = int(batch.pop("num_sequences"))
+        for name, model in (("policy", policy), ("reference", reference)):
+            scored[name].append(pair_logprobs(model, batch, n, len(chunk), normalize=normalize))
+    pol, ref = torch.cat(scored["policy"]), torch.cat(scored["reference"])
+    out = preference_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], dpo.beta, dpo.loss)
+    margin = out.rewards_chosen - out.rewards_rejected
+    return {"preference_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean()),
+            "dpo_loss": float(out.loss), "eval_pairs": len(pairs)}

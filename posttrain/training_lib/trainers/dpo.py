@@ -1,0 +1,146 @@
+"""Direct preference optimization: Ray Train's TorchTrainer runs `train_loop` on every worker.
+
+The loop, top to bottom: reference log-probs (precomputed once, or per batch with the LoRA adapters
+off) → per step: set LR → micro-batches of pairs packed into one row → sequence log-probs of the
+chosen and rejected sides → DPO/IPO loss against the reference → clip → step → log rewards and
+accuracy → maybe checkpoint. Resume works as for SFT; the precomputed reference is read back from
+the workspace instead of being computed again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from posttrain.recipe import Recipe
+
+REFERENCE_FILE = "reference_logps.pt"
+
+
+def train_loop(config: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from posttrain.training_lib.data.pairs import PairLoader, read_pairs
+    from posttrain.training_lib.grad_clip import clip_grad_norm
+    from posttrain.training_lib.losses.preference import preference_loss
+    from posttrain.training_lib.metrics import make_step_logger
+    from posttrain.training_lib.trainers import common
+
+    w = common.start_worker(config)
+    t, device, dpo = w.t, w.device, w.recipe.dpo
+    pairs = read_pairs(w.workspace, "train")
+    pad_id = json.loads((w.workspace / "data" / "manifest.json").read_text())["tokenizer"]["block_pad_id"]
+    loader = PairLoader(pairs, w.dp_rank, w.dp_size, t.micro_batch_size, t.seed, pad_id)
+    max_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum)
+    model, trainable, optimizer, report = common.build_model(w)
+    reference = precomputed_reference(w, model, pairs, pad_id) if dpo.reference == "precomputed" else None
+    step = common.resume(w, model, optimizer, loader)
+    common.announce(w, trainable, report, f"{len(pairs)} preference pairs, {t.micro_batch_size} per micro-batch; "
+                                          f"{dpo.loss} loss, beta {dpo.beta}, {dpo.reference} reference")
+    logger = make_step_logger(w.recipe, w.workspace, w.rank, w.world, device, max_steps, w.plan.as_dict(),
+                              start_step=step)
+
+    model.train()
+    while step < max_steps:
+        step += 1
+        lr = common.set_learning_rate(w, optimizer, step, max_steps)
+        sums = torch.zeros(5, device=device)  # loss, rewards/chosen, rewards/rejected, correct, pairs
+        tokens = 0
+        for _ in range(t.grad_accum):
+            batch = loader.next_batch()
+            index, n = batch.pop("index"), int(batch.pop("num_sequences"))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            policy = pair_logprobs(model, batch, n, len(index), normalize=dpo.loss == "ipo")
+            if reference is not None:
+                ref = reference[index]
+                ref = (ref[..., 0] / ref[..., 1].clamp(min=1) if dpo.loss == "ipo" else ref[..., 0]).to(policy)
+            else:
+                with model.lm.disable_adapter(), torch.no_grad():  # the base model is the reference
+                    ref = pair_logprobs(model, batch, n, len(index), normalize=dpo.loss == "ipo")
+            out = preference_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], dpo.beta, dpo.loss)
+            # The mean over the step's pairs: every rank holds as many, and FSDP averages over dp ranks.
+            (out.loss / t.grad_accum).backward()
+            sums += torch.tensor([float(out.loss) * len(index), float(out.rewards_chosen.sum()),
+                                  float(out.rewards_rejected.sum()),
+                                  float((out.rewards_chosen > out.rewards_rejected).sum()), len(index)], device=device)
+            tokens += batch["input_ids"].numel()
+        grad_norm = clip_grad_norm(trainable, t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(sums, group=w.dp_group)
+        loss, chosen, rejected, correct = (float(v) for v in sums[:4] / sums[4])
+        if step % t.log_every == 0 or step == max_steps:
+            logger.log(step, loss, lr, grad_norm, tokens * w.dp_size, extra={
+                "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
+                "rewards/accuracy": correct})
+        common.maybe_checkpoint(w, step, max_steps, model, optimizer, loader)
+
+    common.finish(w, model, logger, max_steps)
+
+
+def pair_logprobs(model: Any, batch: dict, num_sequences: int, pairs: int, normalize: bool = False) -> Any:
+    """[pairs, 2] summed log-probs of the (chosen, rejected) completions of a packed pair batch;
+    `normalize`: divided by each completion's token count (IPO's length-normalized form)."""
+    from posttrain.training_lib.losses.logprobs import sequence_logprobs
+
+    token_logps = model(**batch, output="token_logprobs")
+    sums = sequence_logprobs(token_logps, batch["position_ids"], num_sequences)[: 2 * pairs].view(pairs, 2)
+    if not normalize:
+        return sums
+    counts = sequence_logprobs((batch["labels"] != -100).to(sums.dtype), batch["position_ids"], num_sequences)
+    return sums / counts[: 2 * pairs].view(pairs, 2).clamp(min=1)
+
+
+def precomputed_reference(w: Any, model: Any, pairs: list, pad_id: int) -> Any:
+    """[pairs, 2, 2]: (summed log-prob, token count) of each pair's chosen and rejected completion
+    under the model before its first update, i.e. the reference. Computed once by the data-parallel
+    ranks together (each scores a share; every rank runs the same number of forwards, which FSDP's
+    collectives need) and kept in train/reference_logps.pt, so a resumed job reads it back."""
+    import torch
+    import torch.distributed as dist
+
+    from posttrain.training_lib.data.pairs import collate_pairs
+    from posttrain.training_lib.losses.logprobs import sequence_logprobs
+
+    path = w.workspace / "train" / REFERENCE_FILE
+    if path.exists():
+        saved = torch.load(path)
+        if saved["pairs"] == len(pairs):
+            return saved["logps"]
+    per_rank = -(-len(pairs) // w.dp_size)
+    mine = list(range(w.dp_rank * per_rank, min(len(pairs), (w.dp_rank + 1) * per_rank)))
+    out = torch.zeros(len(pairs), 2, 2, dtype=torch.float64, device=w.device)
+    mbs = w.t.micro_batch_size
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, per_rank, mbs):
+            chunk = mine[start:start + mbs]
+            real = len(chunk)
+            chunk = chunk or [0]  # a rank with nothing left still joins the collectives
+            batch = {k: v.to(w.device) for k, v in collate_pairs([pairs[i] for i in chunk], pad_id).items()}
+            n = int(batch.pop("num_sequences"))
+            token_logps = model(**batch, output="token_logprobs")
+            sums = sequence_logprobs(token_logps, batch["position_ids"], n)[: 2 * len(chunk)].view(-1, 2)
+            counts = sequence_logprobs((batch["labels"] != -100).to(sums.dtype), batch["position_ids"], n)
+            if real:
+                out[chunk, :, 0] = sums.to(out)
+                out[chunk, :, 1] = counts[: 2 * len(chunk)].view(-1, 2).to(out)
+    model.train(was_training)
+    dist.all_reduce(out, group=w.dp_group)  # each pair was scored by exactly one dp rank
+    out = out.cpu()
+    if w.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"pairs": len(pairs), "logps": out}, tmp)
+        tmp.rename(path)
+    return out
+
+
+def run(recipe: Recipe, workspace: Path) -> dict:
+    """The Ray job driver: fit on the cluster this job runs in."""
+    from posttrain.training_lib.trainers.common import fit
+
+    return fit(recipe, workspace, train_loop)

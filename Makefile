@@ -31,6 +31,7 @@ venv: $(STAMP)
 
 tiny-model: $(STAMP)
 	$(BIN)/posttrain tiny-model $(TINY)
+	$(BIN)/posttrain tiny-teacher $(TINY)-teacher --base $(TINY) --data dags/data/tiny-chat/train.jsonl
 
 demo: tiny-model
 	$(BIN)/posttrain run dags/recipes/tiny-sft.yaml $(DEMO_ARGS)

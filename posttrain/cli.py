@@ -1,4 +1,4 @@
-"""`posttrain validate | render | plan | run | tiny-model | sample-data`.
+"""`posttrain validate | render | plan | run | gc | tiny-model | tiny-teacher | sample-data`.
 
 Airflow reads its configuration when first imported, so `run` sets up the environment (Airflow
 home, dags folder, SQLite) before importing anything from airflow.
@@ -122,6 +122,17 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_teacher(args: argparse.Namespace) -> int:
+    from posttrain.training_lib.models.tiny import build_tiny_teacher
+
+    out = Path(args.out)
+    if (out / "config.json").exists() and not args.force:
+        print(f"{out} already holds a model (use --force to rebuild)")
+        return 0
+    print(f"tiny teacher written to {build_tiny_teacher(out, args.base, args.data, steps=args.steps)}")
+    return 0
+
+
 def cmd_sample_data(args: argparse.Namespace) -> int:
     from posttrain import samples
 
@@ -168,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_tiny_model)
+    p = sub.add_parser("tiny-teacher", help="fine-tune the tiny model briefly: the distillation demo's teacher")
+    p.add_argument("out")
+    p.add_argument("--base", required=True, help="the tiny model's folder")
+    p.add_argument("--data", required=True, help="chat JSONL to fine-tune on")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_tiny_teacher)
     p = sub.add_parser("sample-data", help="write the deterministic sample data (chat or preference pairs)")
     p.add_argument("out")
     p.add_argument("--format", choices=["chat", "preference"], default="chat")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from posttrain import instance_types
 
-IMPLEMENTED_PARADIGMS = ("sft", "dpo")
+IMPLEMENTED_PARADIGMS = ("sft", "dpo", "kd")
 IMPLEMENTED_PROVIDERS = ("local", "ray", "ec2")
 # What the evaluate stage can measure for each paradigm; the first is the default promotion metric.
 PARADIGM_METRICS = {
@@ -157,6 +157,22 @@ class DpoConfig(_Strict):
     reference: Literal["precomputed", "on_the_fly"] = "precomputed"
 
 
+class KdConfig(_Strict):
+    """Knowledge distillation (paradigm kd, chat data): a frozen teacher of the same tokenizer."""
+    teacher: str  # a local folder (relative to the recipe) or hf://org/name
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    # loss = weight · divergence + (1 − weight) · cross-entropy on the data, per assistant token
+    weight: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_uri(cls, value: str) -> str:
+        if value.startswith("s3://"):
+            raise ValueError("s3:// teacher locations are not supported yet; use a local path or hf://org/name")
+        return value
+
+
 class Ec2Config(_Strict):
     """One Ray cluster per run on EC2: a head node and `worker_nodes` GPU workers running `image`."""
     aws_conn_id: str = "aws_default"
@@ -279,6 +295,7 @@ class Recipe(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     dpo: DpoConfig | None = None  # paradigm dpo (defaults when omitted)
+    kd: KdConfig | None = None  # paradigm kd (required: it names the teacher)
 
     @field_validator("paradigm")
     @classmethod
@@ -325,12 +342,16 @@ class Recipe(_Strict):
             if self.data.eval:
                 self.data.eval = resolve_uri(self.data.eval, base_dir)
             self.storage.root = resolve_uri(self.storage.root, base_dir)
+            if self.kd is not None:
+                self.kd.teacher = resolve_uri(self.kd.teacher, base_dir)
         return self
 
     def _paradigm_sections(self) -> None:
         """Each paradigm's own section: filled with defaults for it, refused for any other."""
-        for name, default in (("dpo", DpoConfig),):
+        for name, default in (("dpo", DpoConfig), ("kd", None)):
             if self.paradigm == name and getattr(self, name) is None:
+                if default is None:
+                    raise ValueError(f"paradigm {name!r} needs its section {name!r}")
                 setattr(self, name, default())
             elif self.paradigm != name and getattr(self, name) is not None:
                 raise ValueError(f"section {name!r} is for paradigm {name!r}; this recipe's paradigm is "

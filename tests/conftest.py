@@ -60,6 +60,17 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_teacher(tiny_model: Path) -> Path:
+    """The distillation teacher: the tiny model fine-tuned briefly (`make test` builds it too)."""
+    teacher = TINY.parent / "tiny-teacher"
+    if not (teacher / "config.json").exists():
+        from posttrain.training_lib.models.tiny import build_tiny_teacher
+
+        build_tiny_teacher(teacher, tiny_model, SAMPLE_DATA / "train.jsonl")
+    return teacher
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model: Path) -> Any:
     from transformers import AutoTokenizer
 

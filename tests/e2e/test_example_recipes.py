@@ -24,6 +24,8 @@ def example(tmp_path: Path, name: str, steps: int) -> Path:
     data["model"]["base"] = recipe.model.base
     data["data"]["train"], data["data"]["eval"] = recipe.data.train, recipe.data.eval
     data["storage"]["root"] = str(tmp_path / "storage")
+    if "kd" in data:
+        data["kd"]["teacher"] = recipe.kd.teacher
     data["training"].update(max_steps=steps, checkpoint_every=steps)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -46,3 +48,17 @@ def test_tiny_dpo_recipe_end_to_end(tmp_path: Path, tiny_model: Path) -> None:
     recipe = load_recipe(path)
     champion = json.loads(local_path(recipe.champion_uri).read_text())
     assert champion["metric"] == "preference_accuracy" and champion["value"] == metrics["preference_accuracy"]
+
+
+def test_tiny_kd_recipe_end_to_end(tmp_path: Path, tiny_model: Path, tiny_teacher: Path) -> None:
+    path = example(tmp_path, "tiny-kd", steps=6)
+    run = run_recipe(path)
+    states = task_states(run)
+    assert set(states.values()) == {"success"}, states
+    ws = workspace_of(path, run)
+    rows = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["kd/forward_kl"] > 0 and r["kd/cross_entropy"] > 0 for r in rows)
+    metrics = json.loads((ws / "eval" / "metrics.json").read_text())
+    assert metrics["eval_loss"] > 0 and 0.0 <= metrics["exact_match"] <= 1.0
+    champion = json.loads(local_path(load_recipe(path).champion_uri).read_text())
+    assert champion["metric"] == "eval_loss" and champion["value"] == metrics["eval_loss"]

@@ -17,7 +17,7 @@ from posttrain.recipe import Recipe
 from posttrain.training_lib.data.chat import tokenize_chat
 from posttrain.training_lib.data.formats import prepare_preference, prepare_prompts
 from posttrain.training_lib.data.packing import Block, pack
-from posttrain.training_lib.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from posttrain.training_lib.data.tokenizer import TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
 
 Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
 
@@ -136,9 +136,21 @@ def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split:
     }
 
 
+def require_teacher_tokenizer(recipe: Recipe, student_fingerprint: str) -> None:
+    """Distillation compares the two models' distributions token by token: the teacher must
+    split text into the same ids as the student."""
+    teacher = tokenizer_fingerprint(load_tokenizer(recipe.kd.teacher))
+    if teacher != student_fingerprint:
+        raise TokenizerMismatch(
+            f"kd.teacher {recipe.kd.teacher}: its tokenizer has fingerprint {teacher}, the student's "
+            f"({recipe.tokenizer_uri}) has {student_fingerprint}; distillation needs the same tokenizer")
+
+
 def prepare(recipe: Recipe, workspace: Path, open_binary: Opener | None = None) -> dict:
     """Tokenize, mask and pack the recipe's splits into workspace/data; return the manifest."""
     tokenizer = load_tokenizer(recipe.tokenizer_uri)
+    if recipe.kd is not None:  # refused here, before a cluster is started for it
+        require_teacher_tokenizer(recipe, tokenizer_fingerprint(tokenizer))
     out_dir = workspace / "data"
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = {"train": recipe.data.train}

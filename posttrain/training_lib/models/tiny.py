@@ -88,3 +88,42 @@ def build_tiny(out_dir: str | Path, seed: int = 0, pad_to_multiple_of: int = 64)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_tiny_teacher(out_dir: str | Path, base: str | Path, chat_jsonl: str | Path, steps: int = 40,
+                       seq_len: int = 256, lr: float = 3e-3, seed: int = 0) -> Path:
+    """A teacher for the distillation demo and tests: the tiny model fine-tuned briefly (SFT, in
+    this process, on the sample chat data's packed blocks), saved with the same tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.training_lib.data.chat import tokenize_chat
+    from posttrain.training_lib.data.packing import pack
+    from posttrain.training_lib.data.prepare import block_pad_id, read_jsonl
+    from posttrain.training_lib.models.attention import register
+    from posttrain.training_lib.models.with_loss import CausalLMWithLoss
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    docs = []
+    for _lineno, row in read_jsonl(str(chat_jsonl)):
+        tok = tokenize_chat(tokenizer, row["messages"])
+        if len(tok.input_ids) <= seq_len:
+            docs.append((tok.input_ids, tok.assistant_mask))
+    blocks = pack(docs, seq_len, block_pad_id(tokenizer))
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=register())
+    model = CausalLMWithLoss(lm).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        picked = [blocks[(step * 4 + i) % len(blocks)] for i in range(4)]
+        batch = {k: torch.tensor([getattr(b, k) for b in picked]) for k in ("input_ids", "labels", "position_ids")}
+        loss = model(**batch) / int((batch["labels"] != -100).sum())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm.config.use_cache = True
+    lm.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.training_lib.losses.chunked import chunked_cross_entropy
+from posttrain.training_lib.losses.distill import distill_loss
 from posttrain.training_lib.losses.logprobs import token_logprobs
 from posttrain.training_lib.models.attention import check_isolates_documents
 
@@ -29,15 +30,26 @@ class CausalLMWithLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                labels: torch.Tensor | None = None, output: str = "loss") -> torch.Tensor:
+                labels: torch.Tensor | None = None, output: str = "loss",
+                teacher: tuple[torch.Tensor, torch.Tensor] | None = None, divergence: str = "forward_kl",
+                temperature: float = 1.0) -> torch.Tensor:
         """`output` "loss": summed loss over the labelled tokens; "token_logprobs": log p(label) per
-        position (0 where unlabelled; DPO and RL sum them per sequence). Without labels, the full
+        position (0 where unlabelled; DPO and RL sum them per sequence); "hidden": the final hidden
+        states (a KD teacher's); "distill": [divergence to the `teacher` (hidden states, output
+        weights), cross-entropy], both summed over the labelled tokens. Without labels, the full
         logits (for the logit verifier and small checks only: that is the [tokens × vocab] tensor
         training avoids)."""
         # Packed blocks: no attention mask, documents come from the restarting position ids.
         base = base_model(self.lm)
         check_isolates_documents(base)
         hidden = base.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        if output == "hidden":
+            return hidden
+        if output == "distill":
+            assert teacher is not None and labels is not None
+            kd = distill_loss(hidden, base.lm_head.weight, teacher[0], teacher[1], labels, divergence, temperature,
+                              self.chunk_tokens)
+            return torch.stack([kd, chunked_cross_entropy(hidden, base.lm_head.weight, labels, self.chunk_tokens)])
         if labels is None:
             return hidden @ base.lm_head.weight.t()
         if output == "token_logprobs":

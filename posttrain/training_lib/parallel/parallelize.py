@@ -88,3 +88,23 @@ def build_parallel_model(recipe: Recipe, plan: Plan, mesh: DeviceMesh) -> tuple[
         return parallelize(model, plan, mesh), report
     model = parallelize(model, plan, mesh)
     return model, materialize(model, plan.device, model_dir(recipe.model.base), recipe.training.seed)
+
+
+def build_frozen_model(recipe: Recipe, plan: Plan, mesh: DeviceMesh, base: str) -> tuple[torch.nn.Module, LoadReport]:
+    """A frozen model on the job's mesh (the KD teacher, `base` a model location): the decoder blocks
+    tensor-parallel and FSDP-sharded like the student's, the embedding and output layer replicated,
+    so the distillation loss can read the output weights outside the teacher's forward (a sharded
+    root would have freed its gathered copy). No LoRA, checkpointing or compile: nothing runs
+    backward through it."""
+    frozen = recipe.model_copy(update={"model": recipe.model.model_copy(update={"base": base, "lora": None})})
+    model = CausalLMWithLoss(build_on_meta(frozen), recipe.training.loss_chunk_tokens)
+    layers = decoder_layers(model.lm)
+    if plan.tensor_parallel > 1:
+        _apply_tp(layers, mesh["tp"])
+    if plan.strategy in ("fsdp", "fsdp_tp"):
+        mp = MixedPrecisionPolicy(param_dtype=plan.torch_param_dtype, reduce_dtype=torch.float32)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh["dp"], mp_policy=mp)
+    report = materialize(model, plan.device, model_dir(base), recipe.training.seed)
+    model.requires_grad_(False)
+    return model.eval(), report

@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_tiny_teacher)
-    p = sub.add_parser("sample-data", help="write the deterministic sample data (chat or preference pairs)")
+    p = sub.add_parser("sample-data", help="write the deterministic sample data (chat, preference pairs or RL prompts)")
     p.add_argument("out")
-    p.add_argument("--format", choices=["chat", "preference"], default="chat")
+    p.add_argument("--format", choices=["chat", "preference", "prompt"], default="chat")
     p.set_defaults(func=cmd_sample_data)
     return parser
 

@@ -16,14 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from posttrain import instance_types
 
-IMPLEMENTED_PARADIGMS = ("sft", "dpo", "kd")
+IMPLEMENTED_PARADIGMS = ("sft", "dpo", "kd", "grpo")
 IMPLEMENTED_PROVIDERS = ("local", "ray", "ec2")
 # What the evaluate stage can measure for each paradigm; the first is the default promotion metric.
 PARADIGM_METRICS = {
     "sft": ("eval_loss", "exact_match"),
     "dpo": ("preference_accuracy", "reward_margin", "dpo_loss"),
     "kd": ("eval_loss", "exact_match"),
-    "grpo": ("eval_loss", "exact_match"),
+    "grpo": ("reward_mean",),
 }
 LOWER_IS_BETTER = ("eval_loss", "dpo_loss")
 PARADIGM_DATA = {"sft": "chat", "dpo": "preference", "kd": "chat", "grpo": "prompt"}
@@ -173,6 +173,51 @@ class KdConfig(_Strict):
         return value
 
 
+class RewardConfig(_Strict):
+    """One reward function: a built-in (exact_match, regex, length_penalty) or 'package.module:function'."""
+    name: str
+    weight: float = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None  # the key it is logged under (default: name); two uses of one function need one
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> RewardConfig:
+        from posttrain.training_lib.rl.rewards import check_reward_spec  # imports no torch
+
+        check_reward_spec(self.name, self.params)
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class GrpoConfig(_Strict):
+    """On-policy RL with group-relative advantages (paradigm grpo, prompt data)."""
+    group_size: int = Field(4, ge=2, le=256)  # completions sampled per prompt (G)
+    prompts_per_step: int = Field(4, ge=1)
+    max_new_tokens: int = Field(32, ge=1, le=32768)
+    temperature: float = Field(1.0, gt=0)
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    clip_eps_high: float | None = Field(None, gt=0)  # DAPO's decoupled upper clip (default: clip_eps)
+    kl_beta: float = Field(0.04, ge=0)  # weight of the KL to the reference; 0: no reference model
+    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    normalize_advantages: bool = True  # divide by the group's reward std (GRPO); false: mean-centred only
+    # 1: the next batch is generated while the policy updates on this one (one step stale, the
+    # clipped ratio corrects for it); 0: strictly on-policy.
+    staleness: Literal[0, 1] = 0
+    rollout_workers: int = Field(1, ge=1, le=64)
+    sync_bucket_mb: int = Field(256, ge=1)  # full-weight sync to the rollout engines, in buckets of this size
+    rewards: list[RewardConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> GrpoConfig:
+        keys = [r.key for r in self.rewards]
+        if len(set(keys)) != len(keys) or "total" in keys:
+            raise ValueError(f"reward keys must be unique and not 'total' (set label): {keys}")
+        return self
+
+
 class Ec2Config(_Strict):
     """One Ray cluster per run on EC2: a head node and `worker_nodes` GPU workers running `image`."""
     aws_conn_id: str = "aws_default"
@@ -250,8 +295,8 @@ class EvaluationConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=32768)
     max_samples: int = Field(64, ge=1)
     # Default: every metric of the paradigm (PARADIGM_METRICS).
-    metrics: list[Literal["eval_loss", "exact_match", "preference_accuracy", "reward_margin", "dpo_loss"]] | None = \
-        Field(None, min_length=1)
+    metrics: list[Literal["eval_loss", "exact_match", "preference_accuracy", "reward_margin", "dpo_loss",
+                          "reward_mean"]] | None = Field(None, min_length=1)
 
 
 class PromotionConfig(_Strict):
@@ -296,6 +341,7 @@ class Recipe(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     dpo: DpoConfig | None = None  # paradigm dpo (defaults when omitted)
     kd: KdConfig | None = None  # paradigm kd (required: it names the teacher)
+    grpo: GrpoConfig | None = None  # paradigm grpo (required: it names the rewards)
 
     @field_validator("paradigm")
     @classmethod
@@ -348,7 +394,7 @@ class Recipe(_Strict):
 
     def _paradigm_sections(self) -> None:
         """Each paradigm's own section: filled with defaults for it, refused for any other."""
-        for name, default in (("dpo", DpoConfig), ("kd", None)):
+        for name, default in (("dpo", DpoConfig), ("kd", None), ("grpo", None)):
             if self.paradigm == name and getattr(self, name) is None:
                 if default is None:
                     raise ValueError(f"paradigm {name!r} needs its section {name!r}")

@@ -1,7 +1,8 @@
 """Deterministic synthetic chat data for the demo, the tests and the tiny tokenizer.
 
-Formats: `chat` (dags/data/tiny-chat) and `preference` (dags/data/tiny-preference: the same
-tasks as one-turn prompts with a right and a wrong reply).
+Formats: `chat` (dags/data/tiny-chat), `preference` (dags/data/tiny-preference: the same tasks as
+one-turn prompts with a right and a wrong reply) and `prompt` (dags/data/tiny-prompts: one-turn
+prompts with their reference answer, for RL).
 
 Conversations are small verifiable tasks (arithmetic, word reversal, counting, facts about a
 made-up world) with system prompts, one to several turns, and a skewed length distribution (most
@@ -113,7 +114,15 @@ def preference_pair(rng: random.Random) -> dict:
             "rejected": [{"role": "assistant", "content": rejected}]}
 
 
-ROW_MAKERS = {"chat": conversation, "preference": preference_pair}
+def prompt_row(rng: random.Random) -> dict:
+    """A one-turn prompt with its verifiable reference answer (the RL format)."""
+    system = rng.choice(SYSTEM_PROMPTS)
+    question, answer = PAIR_TASKS[rng.choice(sorted(PAIR_TASKS))](rng)
+    prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return {"prompt": prompt, "answer": answer}
+
+
+ROW_MAKERS = {"chat": conversation, "preference": preference_pair, "prompt": prompt_row}
 
 
 def generate(out_dir: str | Path, train_rows: int = 400, eval_rows: int = 64, seed: int = 1234,
@@ -124,11 +133,19 @@ def generate(out_dir: str | Path, train_rows: int = 400, eval_rows: int = 64, se
     rng = random.Random(seed)
     make = ROW_MAKERS[data_format]
     paths = {}
+    seen: set[str] = set()  # across splits too: no eval prompt is a train prompt
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
         path = out / f"{split}.jsonl"
         with path.open("w", encoding="utf-8") as fh:
-            for _ in range(rows):
-                fh.write(json.dumps(make(rng), ensure_ascii=False) + "\n")
+            written = 0
+            while written < rows:
+                line = json.dumps(make(rng), ensure_ascii=False)
+                # Prompts repeat easily (eight lands, four system prompts): RL data gets unique ones.
+                if data_format == "prompt" and line in seen:
+                    continue
+                seen.add(line)
+                fh.write(line + "\n")
+                written += 1
         paths[split] = path
     return paths
 

@@ -62,3 +62,21 @@ def test_tiny_kd_recipe_end_to_end(tmp_path: Path, tiny_model: Path, tiny_teache
     assert metrics["eval_loss"] > 0 and 0.0 <= metrics["exact_match"] <= 1.0
     champion = json.loads(local_path(load_recipe(path).champion_uri).read_text())
     assert champion["metric"] == "eval_loss" and champion["value"] == metrics["eval_loss"]
+
+
+def test_tiny_grpo_recipe_end_to_end(tmp_path: Path, tiny_model: Path, tiny_teacher: Path) -> None:
+    path = example(tmp_path, "tiny-grpo", steps=4)
+    run = run_recipe(path)
+    states = task_states(run)
+    assert set(states.values()) == {"success"}, states
+    ws = workspace_of(path, run)
+    manifest = json.loads((ws / "data" / "manifest.json").read_text())
+    assert manifest["format"] == "prompt" and manifest["splits"]["train"]["prompts"] == 400
+    rows = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all("reward/starts_with_the" in r and "reward/length_penalty" in r for r in rows)
+    metrics = json.loads((ws / "eval" / "metrics.json").read_text())
+    assert metrics["eval_prompts"] == 32 and "reward/starts_with_the" in metrics
+    samples = [json.loads(x) for x in (ws / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 32 and all(isinstance(s["generated"], str) for s in samples)
+    champion = json.loads(local_path(load_recipe(path).champion_uri).read_text())
+    assert champion["metric"] == "reward_mean" and champion["value"] == metrics["reward_mean"]

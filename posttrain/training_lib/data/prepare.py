@@ -86,7 +86,9 @@ def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split
     if data.format == "preference":
         stats = prepare_preference(tokenizer, rows, data.max_seq_len, data.packing.overlong, out_dir, split)
     elif data.format == "prompt":
-        stats = prepare_prompts(tokenizer, rows, data.max_seq_len, out_dir, split)
+        # A prompt must leave room for the completions RL samples (max_seq_len bounds the prompt).
+        stats = prepare_prompts(tokenizer, rows, data.max_seq_len, out_dir, split,
+                                min_new_tokens=1 if recipe.grpo is None else 0)
     else:
         stats = prepare_chat(tokenizer, uri, recipe, out_dir, split, open_binary)
     overlong = stats.get("truncated", 0) + stats["dropped_overlong"]

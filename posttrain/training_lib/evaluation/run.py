@@ -28,6 +28,11 @@ def run(recipe: Recipe, workspace: Path) -> dict:
         from posttrain.training_lib.evaluation.preference import preference_metrics
 
         metrics.update(preference_metrics(recipe, model_dir, workspace))
+    if recipe.paradigm == "grpo":
+        from posttrain.training_lib.evaluation.rewards import reward_metrics
+
+        reward_scores, samples = reward_metrics(recipe, model_dir, workspace)
+        metrics.update(reward_scores)
     if "eval_loss" in wanted:
         metrics.update(eval_loss(model_dir, workspace))
     if recipe.data.format == "chat":  # generated samples are kept for reading even without the metric

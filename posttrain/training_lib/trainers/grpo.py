@@ -1,0 +1,261 @@
+"""GRPO: the Ray job's driver is the single controller; the work is done by role actors.
+
+- policy: `compute.workers` actors holding the FSDP2 policy (rl/policy.py), updated with the
+  clipped-ratio objective and group-normalised advantages;
+- rollout: `grpo.rollout_workers` vLLM engines (rl/rollout.py) sampling G completions per prompt;
+- reward: an actor scoring completions with the recipe's reward functions (rl/rewards.py).
+
+The loop, top to bottom: prompts of this step → completions (generated during the previous update
+when `staleness: 1`) → rewards → advantages per group → one policy update over the dp ranks →
+weight sync to the engines → log → maybe checkpoint (policy, optimizer and this controller's
+state: step, prompt cursor, RNG). A resumed job restores all three and syncs the engines first,
+so it samples exactly what the uninterrupted job would have.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from posttrain.recipe import Recipe
+
+
+class RewardWorker:
+    """Scores completions with the recipe's reward functions (user functions import here, once)."""
+
+    def __init__(self, rewards: list[dict]):
+        from posttrain.training_lib.rl.rewards import RewardSpec
+
+        self.specs = [RewardSpec(r["name"], r["weight"], r["params"], r["label"]) for r in rewards]
+
+    def score(self, completions: list[str], prompts: list[list[dict]], answers: list[str | None]) -> dict:
+        from posttrain.training_lib.rl.rewards import score
+
+        return score(self.specs, completions, prompts, answers)
+
+
+class PromptCursor:
+    """The prompts of each step: a shuffled pass over the data per epoch (seeded), resumable by position."""
+
+    def __init__(self, count: int, seed: int, position: int = 0):
+        self.count, self.seed, self.position = count, seed, position
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            epoch, offset = divmod(self.position, self.count)
+            order = list(range(self.count))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            out.append(order[offset])
+            self.position += 1
+        return out
+
+
+def run(recipe: Recipe, workspace: Path) -> dict:
+    import ray
+    from transformers import AutoConfig
+
+    from posttrain.training_lib.data.tokenizer import require_same_tokenizer
+    from posttrain.training_lib.metrics import make_step_logger, read_metrics, summarize_rows
+    from posttrain.training_lib.models.loading import model_dir
+    from posttrain.training_lib.rl.policy import PolicyWorker
+    from posttrain.training_lib.rl.rollout import RolloutEngine
+
+    tokenizer = require_same_tokenizer(recipe.tokenizer_uri, workspace)
+    g, t, c = recipe.grpo, recipe.training, recipe.compute
+    prompts = read_prompts(workspace, "train")
+    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    pad_id = manifest["tokenizer"]["block_pad_id"]
+    ray.init(address="auto", log_to_driver=True)
+
+    # Policy actors: their own process group, rank 0's node as the rendezvous.
+    gpu = c.gpus_per_worker > 0
+    actor = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker)(PolicyWorker)
+    policy = [actor.remote() for _ in range(c.workers)]
+    host, port = ray.get(policy[0].node_address.remote())
+    infos = ray.get([p.init.remote(recipe.model_dump_json(), str(workspace), r, c.workers, f"{host}:{port}")
+                     for r, p in enumerate(policy)])
+    plan = infos[0]["plan"]
+    dtype = plan["param_dtype"]  # the engines sample in the policy's precision
+    engine = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(RolloutEngine)
+    max_len = recipe.data.max_seq_len + g.max_new_tokens
+    stop = [i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+            if isinstance(i, int) and i >= 0]
+    base_dir = str(model_dir(recipe.model.base))
+    engine_vocab = AutoConfig.from_pretrained(base_dir).vocab_size  # rows the engine's embedding has
+    engines = [engine.remote(base_dir, dtype, max_len, len(tokenizer), sorted(stop), t.seed)
+               for _ in range(g.rollout_workers)]
+    rewarder = ray.remote(num_cpus=0)(RewardWorker).remote([r.model_dump() for r in g.rewards])
+
+    step, state = ray.get([p.resume.remote() for p in policy])[0]
+    state = state or {"cursor": 0}
+    cursor = PromptCursor(len(prompts), t.seed, state["cursor"])
+    max_steps = t.max_steps or t.epochs * max(1, len(prompts) // g.prompts_per_step)
+    version = step
+    if step:  # the engines start from the base model: give them the restored policy first
+        sync(policy, engines, g.sync_bucket_mb, engine_vocab, version)
+        print(f"resumed from step {step} (prompt {cursor.position})", flush=True)
+    print(f"GRPO: plan {json.dumps(plan)}; {infos[0]['trainable']} trainable parameters on {c.workers} policy "
+          f"workers, {g.rollout_workers} vLLM engines ({dtype}); {len(prompts)} prompts, {g.prompts_per_step} × "
+          f"{g.group_size} completions per step, staleness {g.staleness}", flush=True)
+    logger = make_step_logger(recipe, workspace, 0, c.workers, "cuda" if gpu else "cpu", max_steps, plan,
+                              start_step=step)
+
+    def launch(at_step: int) -> tuple[list[int], list[Any]]:
+        picked = cursor.take(g.prompts_per_step)
+        per_engine = -(-len(picked) // len(engines))
+        refs = [e.generate.remote([prompts[i]["ids"] for i in picked[k * per_engine:(k + 1) * per_engine]],
+                                  g.group_size, g.temperature, g.max_new_tokens, t.seed * 1_000_003 + at_step * 1009)
+                for k, e in enumerate(engines)]
+        return picked, refs
+
+    pending = launch(step + 1) if step < max_steps else None
+    while step < max_steps:
+        step += 1
+        lr = _learning_rate(recipe, step, max_steps)
+        picked, refs = pending
+        wait_start = time.perf_counter()
+        rollouts = ray.get(refs)
+        rollout_wait = time.perf_counter() - wait_start
+        completions = [comp for r in rollouts for comp in r["completions"]]
+        cursor_after = cursor.position
+        if g.staleness and step < max_steps:  # generate the next batch while the policy updates on this one
+            pending = launch(step + 1)
+        rows, scores = build_rows(picked, completions, prompts, rewarder, g)
+        normalizer = (sum(len(r["completion_ids"]) for r in rows) if g.aggregation == "token_mean" else len(rows))
+        update_start = time.perf_counter()
+        dp = plan["data_parallel"]
+        shards = [rows[k::dp] for k in range(dp)]
+        # Every rank must run as many forwards as the others (FSDP's collectives): even the shards
+        # out with rows that have no completion tokens (they add nothing to the loss).
+        for shard in shards:
+            shard += [{"prompt_ids": [pad_id], "completion_ids": [], "old_logprobs": [], "advantage": 0.0}] * (
+                len(shards[0]) - len(shard))
+        results = ray.get([p.update.remote(shards[r // plan["tensor_parallel"]], lr, float(max(normalizer, 1)),
+                                           pad_id) for r, p in enumerate(policy)])
+        update_s = time.perf_counter() - update_start
+        version = step
+        sync_start = time.perf_counter()
+        sync(policy, engines, g.sync_bucket_mb, engine_vocab, version)
+        sync_s = time.perf_counter() - sync_start
+        if step == 1 or step == max_steps:
+            sync_diff = check_sync(policy, engines[0], picked, completions, prompts, dtype)
+        if not g.staleness and step < max_steps:
+            pending = launch(step + 1)
+        gen_s = max(r["seconds"] for r in rollouts)
+        gen_tokens = sum(r["tokens"] for r in rollouts)
+        extra = {"reward/mean": _mean(scores["total"]), "reward/std": _std(scores["total"]),
+                 **{f"reward/{k}": _mean(v) for k, v in scores.items() if k != "total"},
+                 **{f"reward/{k}_std": _std(v) for k, v in scores.items() if k != "total"},
+                 "kl": results[0]["kl"], "clip_fraction": results[0]["clip_fraction"],
+                 "rollout_tokens_per_s": gen_tokens / gen_s if gen_s else 0.0, "rollout_s": gen_s,
+                 "rollout_wait_s": rollout_wait, "update_s": update_s, "sync_s": sync_s,
+                 "completion_len": gen_tokens / max(len(completions), 1),
+                 "stale": float(rollouts[0]["version"] < step - 1)}
+        if step == 1 or step == max_steps:
+            extra["sync/max_abs_logprob_diff"] = sync_diff
+        if step % t.log_every == 0 or step == max_steps:
+            logger.log(step, results[0]["loss"], lr, results[0]["grad_norm"], gen_tokens, extra=extra)
+        if step % plan["checkpoint_every"] == 0 or step == max_steps:
+            # The cursor from before the next batch was taken: a resume takes it again (with staleness 1
+            # it is then sampled by this step's policy, not the previous one). Sampling seeds come
+            # from (seed, step), so the cursor is all the controller's RNG state there is.
+            ray.get([p.save.remote(step, {"cursor": cursor_after}) for p in policy])
+
+    logger.close()
+    model_dir_out = ray.get([p.export.remote() for p in policy])[0]
+    ray.get([p.close.remote() for p in policy])
+    summary = {"steps": max_steps, **summarize_rows(read_metrics(workspace / "train" / "metrics.jsonl")),
+               "model_dir": model_dir_out, "plan": plan}
+    rows_logged = read_metrics(workspace / "train" / "metrics.jsonl")
+    if rows_logged:
+        summary["reward_first"] = rows_logged[0]["reward/mean"]
+        summary["reward_last"] = rows_logged[-1]["reward/mean"]
+    (workspace / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def build_rows(picked: list[int], completions: list[dict], prompts: list[dict], rewarder: Any,
+               g: Any) -> tuple[list[dict], dict]:
+    """Score the completions (G per prompt, in order) and turn them into update rows."""
+    import ray
+    import torch
+
+    from posttrain.training_lib.losses.grpo import group_advantages
+
+    owners = [prompts[i] for i in picked for _ in range(g.group_size)]
+    scores = ray.get(rewarder.score.remote([c["text"] for c in completions], [o["messages"] for o in owners],
+                                           [o["answer"] for o in owners]))
+    advantages = group_advantages(torch.tensor(scores["total"], dtype=torch.float64), g.group_size,
+                                  normalize_std=g.normalize_advantages)
+    rows = [{"prompt_ids": o["ids"], "completion_ids": c["ids"], "old_logprobs": c["logprobs"],
+             "advantage": float(a)}
+            for o, c, a in zip(owners, completions, advantages.tolist(), strict=True) if c["ids"]]
+    return rows, scores
+
+
+# How far the engine's log-probs may be from the policy's after a sync: both compute in the same
+# precision, so only the kernels differ.
+SYNC_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
+
+
+def check_sync(policy: list[Any], engine: Any, picked: list[int], completions: list[dict], prompts: list[dict],
+               dtype: str) -> float:
+    """After a sync the engine must score a completion as the policy does: the largest difference
+    of per-token log-probs on this step's first completion; over the tolerance the job fails
+    (a precision or weight-layout mismatch would otherwise train on wrong ratios silently)."""
+    import ray
+
+    ids = prompts[picked[0]]["ids"] + completions[0]["ids"]
+    want = ray.get([p.sequence_logprobs.remote(ids) for p in policy])[0]
+    got = ray.get(engine.prompt_logprobs.remote(ids))
+    diff = max(abs(a - b) for a, b in zip(got, want, strict=True))
+    if diff > SYNC_TOLERANCE[dtype]:
+        raise RuntimeError(f"after the weight sync the rollout engine's log-probs differ from the policy's by "
+                           f"{diff:.3g} (> {SYNC_TOLERANCE[dtype]} for {dtype}): the engine is not running the policy")
+    return diff
+
+
+def sync(policy: list[Any], engines: list[Any], bucket_mb: int, vocab: int, version: int) -> None:
+    """The policy's weights into every engine: adapters only with LoRA, else the full weights in buckets."""
+    import ray
+
+    payload = ray.get([p.weights.remote(bucket_mb, vocab) for p in policy])[0]
+    if "adapter" in payload:
+        ray.get([e.load_adapter.remote(payload["adapter"], payload["scaling"], payload["full_names"], version)
+                 for e in engines])
+    else:
+        ray.get([e.load_full.remote(payload["buckets"], version) for e in engines])
+
+
+def read_prompts(workspace: Path, split: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    out = []
+    for shard in manifest["splits"][split]["shards"]:
+        table = pq.read_table(workspace / shard).to_pylist()
+        out += [{"ids": r["prompt_input_ids"], "messages": json.loads(r["prompt"]), "answer": r["answer"]}
+                for r in table]
+    if not out:
+        raise ValueError(f"{workspace / 'data'}: the prepared {split} split holds no prompts")
+    return out
+
+
+def _learning_rate(recipe: Recipe, step: int, max_steps: int) -> float:
+    from posttrain.training_lib.schedule import learning_rate
+
+    t = recipe.training
+    return learning_rate(step, t.learning_rate, max_steps, t.warmup_steps, t.lr_schedule)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _std(values: list[float]) -> float:
+    m = _mean(values)
+    return (sum((v - m) ** 2 for v in values) / len(values)) ** 0.5 if values else 0.0

@@ -33,8 +33,9 @@ tiny-model: $(STAMP)
 	$(BIN)/posttrain tiny-model $(TINY)
 	$(BIN)/posttrain tiny-teacher $(TINY)-teacher --base $(TINY) --data dags/data/tiny-chat/train.jsonl
 
+RECIPE ?= dags/recipes/tiny-sft.yaml
 demo: tiny-model
-	$(BIN)/posttrain run dags/recipes/tiny-sft.yaml $(DEMO_ARGS)
+	$(BIN)/posttrain run $(RECIPE) $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check posttrain tests benchmarks dags

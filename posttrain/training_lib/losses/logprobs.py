@@ -38,7 +38,8 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     out = torch.zeros(flat_labels.shape[0], dtype=acc, device=hidden.device)
     if pieces:
         out = out.index_put((keep,), torch.cat(pieces))
-    return out.view(labels.shape)
+    # A fresh tensor, not a view: FSDP2 drops its pre-backward hook on a view that is later modified.
+    return out.view(labels.shape).clone()
 
 
 def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,26 @@ def announce(worker: Worker, trainable: list, report: Any, data: str) -> None:
               f"the {report.full_bytes / 2**20:.1f} MiB model", flush=True)
 
 
+def step_logger(worker: Worker, max_steps: int, start_step: int) -> Any:
+    """Per-step metrics to train/metrics.jsonl (and MLflow on rank 0), continuing at `start_step`."""
+    from posttrain.training_lib.metrics import make_step_logger
+
+    return make_step_logger(worker.recipe, worker.workspace, worker.rank, worker.world, worker.device, max_steps,
+                            worker.plan.as_dict(), start_step=start_step)
+
+
+def packed_micro_batches(worker: Worker, loader: Any) -> tuple[list[dict], Any]:
+    """The step's `grad_accum` micro-batches of packed blocks on the device, and the number of
+    target tokens in the whole step over all data-parallel ranks (what the summed loss is divided by)."""
+    import torch
+    import torch.distributed as dist
+
+    micro = [{k: v.to(worker.device) for k, v in loader.next_batch().items()} for _ in range(worker.t.grad_accum)]
+    targets = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=worker.device)
+    dist.all_reduce(targets, group=worker.dp_group)
+    return micro, targets
+
+
 def set_learning_rate(worker: Worker, optimizer: Any, step: int, max_steps: int) -> float:
     from posttrain.training_lib.schedule import learning_rate
 

@@ -25,7 +25,6 @@ def train_loop(config: dict) -> None:
     from posttrain.training_lib.data.pairs import PairLoader, read_pairs
     from posttrain.training_lib.grad_clip import clip_grad_norm
     from posttrain.training_lib.losses.preference import preference_loss
-    from posttrain.training_lib.metrics import make_step_logger
     from posttrain.training_lib.trainers import common
 
     w = common.start_worker(config)
@@ -39,8 +38,7 @@ def train_loop(config: dict) -> None:
     step = common.resume(w, model, optimizer, loader)
     common.announce(w, trainable, report, f"{len(pairs)} preference pairs, {t.micro_batch_size} per micro-batch; "
                                           f"{dpo.loss} loss, beta {dpo.beta}, {dpo.reference} reference")
-    logger = make_step_logger(w.recipe, w.workspace, w.rank, w.world, device, max_steps, w.plan.as_dict(),
-                              start_step=step)
+    logger = common.step_logger(w, max_steps, step)
 
     model.train()
     while step < max_steps:

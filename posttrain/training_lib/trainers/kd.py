@@ -18,7 +18,6 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from posttrain.training_lib.grad_clip import clip_grad_norm
-    from posttrain.training_lib.metrics import make_step_logger
     from posttrain.training_lib.models.with_loss import base_model
     from posttrain.training_lib.parallel.parallelize import build_frozen_model
     from posttrain.training_lib.trainers import common
@@ -35,16 +34,13 @@ def train_loop(config: dict) -> None:
     common.announce(w, trainable, report, f"teacher {kd.teacher} ({teacher_report.local_bytes / 2**20:.1f} MiB "
                                           f"on rank 0), {kd.divergence} at temperature {kd.temperature}, "
                                           f"weight {kd.weight}")
-    logger = make_step_logger(w.recipe, w.workspace, w.rank, w.world, device, max_steps, w.plan.as_dict(),
-                              start_step=step)
+    logger = common.step_logger(w, max_steps, step)
 
     model.train()
     while step < max_steps:
         step += 1
         lr = common.set_learning_rate(w, optimizer, step, max_steps)
-        micro = [{k: v.to(device) for k, v in loader.next_batch().items()} for _ in range(t.grad_accum)]
-        targets = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=device)
-        dist.all_reduce(targets, group=w.dp_group)  # global number of target tokens in this step
+        micro, targets = common.packed_micro_batches(w, loader)  # targets: the step's global token count
         parts = torch.zeros(2, device=device)  # divergence, cross-entropy (sums)
         for batch in micro:
             with torch.no_grad():

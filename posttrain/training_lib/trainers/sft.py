@@ -19,7 +19,6 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from posttrain.training_lib.grad_clip import clip_grad_norm
-    from posttrain.training_lib.metrics import make_step_logger
     from posttrain.training_lib.trainers import common
 
     w = common.start_worker(config)
@@ -31,16 +30,13 @@ def train_loop(config: dict) -> None:
     step = common.resume(w, model, optimizer, loader)
     common.announce(w, trainable, report, f"~{blocks_per_epoch} blocks of {w.recipe.data.max_seq_len} tokens per "
                                           f"epoch ({w.recipe.data.packing.mode} packing)")
-    logger = make_step_logger(w.recipe, w.workspace, w.rank, w.world, device, max_steps, w.plan.as_dict(),
-                              start_step=step)
+    logger = common.step_logger(w, max_steps, step)
 
     model.train()
     while step < max_steps:
         step += 1
         lr = common.set_learning_rate(w, optimizer, step, max_steps)
-        micro = [{k: v.to(device) for k, v in loader.next_batch().items()} for _ in range(t.grad_accum)]
-        targets = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=device)
-        dist.all_reduce(targets, group=w.dp_group)  # global number of target tokens in this step
+        micro, targets = common.packed_micro_batches(w, loader)  # targets: the step's global token count
         loss_sum = torch.zeros((), device=device)
         for batch in micro:
             loss = model(**batch)  # summed loss over the assistant tokens of the micro-batch

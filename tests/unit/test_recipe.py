@@ -32,7 +32,14 @@ def test_example_recipe_is_valid_and_resolves_relative_paths() -> None:
     ({"data": {"train": "a.jsonl", "eval": "b.jsonl", "max_seq_len": 0}}, "data.max_seq_len", "greater than 0"),
     ({"compute": {"workers": 0}}, "compute.workers", "greater than or equal to 1"),
     ({"model": {"base": "m", "lora": {"rank": 0}}}, "model.lora.rank", "greater than 0"),
-    ({"paradigm": "grpo"}, "paradigm", "not implemented yet; implemented: sft, dpo, kd"),
+    ({"paradigm": "grpo", "data": {"format": "prompt"}}, "(recipe)", "paradigm 'grpo' needs its section 'grpo'"),
+    ({"paradigm": "grpo", "data": {"format": "prompt"}, "grpo": {"rewards": [{"name": "nope"}]}}, "grpo.rewards.0",
+     "reward 'nope'"),
+    ({"paradigm": "grpo", "data": {"format": "prompt"}, "grpo": {"rewards": [
+        {"name": "regex", "params": {"pattern": "(unclosed"}}]}}, "grpo.rewards.0", "reward 'regex'"),
+    ({"paradigm": "grpo", "data": {"format": "prompt"}, "grpo": {"rewards": [
+        {"name": "regex", "params": {"pattern": "a"}}, {"name": "regex", "params": {"pattern": "b"}}]}},
+     "grpo", "reward keys must be unique"),
     ({"paradigm": "kd"}, "(recipe)", "paradigm 'kd' needs its section 'kd'"),
     ({"paradigm": "kd", "kd": {"teacher": "t", "divergence": "kl"}}, "kd.divergence", "'kl' is not allowed"),
     ({"paradigm": "dpo"}, "(recipe)", "paradigm 'dpo' needs data.format 'preference', got 'chat'"),

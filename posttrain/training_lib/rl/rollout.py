@@ -29,7 +29,13 @@ class RolloutEngine:
                  seed: int = 0):
         for key, value in ENGINE_ENV.items():
             os.environ.setdefault(key, value)
+        import logging
+
         from vllm import LLM
+
+        # Each sync reloads every layer, and vLLM warns for each rotary embedding that it has no
+        # weights to reload (it has none: its frequencies are computed): a line per layer per step.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=seed,
                        max_num_seqs=64)

@@ -72,7 +72,9 @@ def build_model(worker: Worker) -> tuple[Any, list, Any, Any]:
     model, report = build_parallel_model(worker.recipe, worker.plan, worker.mesh)
     trainable = [p for p in model.parameters() if p.requires_grad]
     t = worker.t
-    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    # Fused on GPUs: one kernel for the whole update (it takes FSDP2's DTensors; benchmarks/train_step.py).
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                  fused=worker.device == "cuda")
     return model, trainable, optimizer, report
 
 

@@ -22,10 +22,10 @@ IMPLEMENTED_PROVIDERS = ("local", "ray", "ec2")
 PARADIGM_METRICS = {
     "sft": ("eval_loss", "exact_match"),
     "dpo": ("preference_accuracy", "reward_margin", "dpo_loss"),
-    "kd": ("eval_loss", "exact_match"),
+    "kd": ("eval_loss", "exact_match", "kl_to_teacher"),
     "grpo": ("reward_mean",),
 }
-LOWER_IS_BETTER = ("eval_loss", "dpo_loss")
+LOWER_IS_BETTER = ("eval_loss", "dpo_loss", "kl_to_teacher")
 PARADIGM_DATA = {"sft": "chat", "dpo": "preference", "kd": "chat", "grpo": "prompt"}
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 # libyaml's loader when present: the DAG processor parses every recipe on every pass.
@@ -296,7 +296,7 @@ class EvaluationConfig(_Strict):
     max_samples: int = Field(64, ge=1)
     # Default: every metric of the paradigm (PARADIGM_METRICS).
     metrics: list[Literal["eval_loss", "exact_match", "preference_accuracy", "reward_margin", "dpo_loss",
-                          "reward_mean"]] | None = Field(None, min_length=1)
+                          "reward_mean", "kl_to_teacher"]] | None = Field(None, min_length=1)
 
 
 class PromotionConfig(_Strict):

@@ -59,7 +59,7 @@ def test_tiny_kd_recipe_end_to_end(tmp_path: Path, tiny_model: Path, tiny_teache
     rows = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["kd/forward_kl"] > 0 and r["kd/cross_entropy"] > 0 for r in rows)
     metrics = json.loads((ws / "eval" / "metrics.json").read_text())
-    assert metrics["eval_loss"] > 0 and 0.0 <= metrics["exact_match"] <= 1.0
+    assert metrics["eval_loss"] > 0 and 0.0 <= metrics["exact_match"] <= 1.0 and metrics["kl_to_teacher"] > 0
     champion = json.loads(local_path(load_recipe(path).champion_uri).read_text())
     assert champion["metric"] == "eval_loss" and champion["value"] == metrics["eval_loss"]
 

@@ -33,6 +33,10 @@ def run(recipe: Recipe, workspace: Path) -> dict:
 
         reward_scores, samples = reward_metrics(recipe, model_dir, workspace)
         metrics.update(reward_scores)
+    if "kl_to_teacher" in wanted:
+        from posttrain.training_lib.evaluation.distill import divergence_to_teacher
+
+        metrics.update(divergence_to_teacher(recipe, model_dir, workspace))
     if "eval_loss" in wanted:
         metrics.update(eval_loss(model_dir, workspace))
     if recipe.data.format == "chat":  # generated samples are kept for reading even without the metric

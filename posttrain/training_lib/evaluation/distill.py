@@ -1,0 +1,37 @@
+"""KD's own evaluation: how far the distilled student still is from its teacher on the eval blocks
+(the recipe's divergence and temperature, per assistant token), chunked like training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain.recipe import Recipe, model_location
+
+
+@torch.no_grad()
+def divergence_to_teacher(recipe: Recipe, model_dir: Path, workspace: Path, batch_size: int = 4) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.training_lib.data.loader import read_blocks
+    from posttrain.training_lib.losses.distill import distill_loss
+    from posttrain.training_lib.models.attention import register
+
+    def load(location: str) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, attn_implementation=register())
+        return model.eval()
+
+    kd = recipe.kd
+    student, teacher = load(str(model_dir)), load(model_location(kd.teacher))
+    blocks = read_blocks(workspace, "eval")
+    total, count = 0.0, 0
+    for start in range(0, blocks["input_ids"].shape[0], batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in blocks.items()}
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        hs = student.model(**inputs).last_hidden_state
+        ht = teacher.model(**inputs).last_hidden_state
+        total += float(distill_loss(hs, student.lm_head.weight, ht, teacher.lm_head.weight, batch["labels"],
+                                    kd.divergence, kd.temperature))
+        count += int((batch["labels"] != -100).sum())
+    return {"kl_to_teacher": total / max(count, 1)}

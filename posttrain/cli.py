@@ -111,12 +111,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return print_summary(recipe, dag_run)
 
 
+def _holds_model(out: Path, force: bool) -> bool:
+    if (out / "config.json").exists() and not force:
+        print(f"{out} already holds a model (use --force to rebuild)")
+        return True
+    return False
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from posttrain.training_lib.models.tiny import build_tiny
 
     out = Path(args.out)
-    if (out / "config.json").exists() and not args.force:
-        print(f"{out} already holds a model (use --force to rebuild)")
+    if _holds_model(out, args.force):
         return 0
     print(f"tiny model written to {build_tiny(out, seed=args.seed)}")
     return 0
@@ -126,8 +132,7 @@ def cmd_tiny_teacher(args: argparse.Namespace) -> int:
     from posttrain.training_lib.models.tiny import build_tiny_teacher
 
     out = Path(args.out)
-    if (out / "config.json").exists() and not args.force:
-        print(f"{out} already holds a model (use --force to rebuild)")
+    if _holds_model(out, args.force):
         return 0
     print(f"tiny teacher written to {build_tiny_teacher(out, args.base, args.data, steps=args.steps)}")
     return 0

@@ -12,21 +12,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from posttrain import instance_types
+from posttrain.config_base import Strict
+from posttrain.ec2_config import Ec2Config
+from posttrain.paradigm_config import (
+    LOWER_IS_BETTER,
+    PARADIGM_DATA,
+    PARADIGM_METRICS,
+    DpoConfig,
+    GrpoConfig,
+    KdConfig,
+)
 
 IMPLEMENTED_PARADIGMS = ("sft", "dpo", "kd", "grpo")
 IMPLEMENTED_PROVIDERS = ("local", "ray", "ec2")
-# What the evaluate stage can measure for each paradigm; the first is the default promotion metric.
-PARADIGM_METRICS = {
-    "sft": ("eval_loss", "exact_match"),
-    "dpo": ("preference_accuracy", "reward_margin", "dpo_loss"),
-    "kd": ("eval_loss", "exact_match", "kl_to_teacher"),
-    "grpo": ("reward_mean",),
-}
-LOWER_IS_BETTER = ("eval_loss", "dpo_loss", "kl_to_teacher")
-PARADIGM_DATA = {"sft": "chat", "dpo": "preference", "kd": "chat", "grpo": "prompt"}
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 # libyaml's loader when present: the DAG processor parses every recipe on every pass.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -50,8 +51,7 @@ def _require_implemented(value: str, implemented: tuple[str, ...], what: str) ->
     return value
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+_Strict = Strict  # every section refuses unknown fields
 
 
 class LoraConfig(_Strict):
@@ -144,121 +144,6 @@ class TrainingConfig(_Strict):
         if self.tensor_parallel > 1 and self.sharding in ("ddp", "fsdp"):
             raise ValueError(f"tensor_parallel {self.tensor_parallel} needs sharding 'fsdp_tp' (or 'auto'), "
                              f"got {self.sharding!r}")
-        return self
-
-
-class DpoConfig(_Strict):
-    """Direct preference optimization (paradigm dpo, data.format preference)."""
-    beta: float = Field(0.1, gt=0)
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    # precomputed: the reference log-probs of every train pair are computed once, before the first
-    # update (the policy then is the reference), and kept in the workspace; on_the_fly (LoRA only):
-    # the base model with the adapters disabled scores each batch (no second copy of the weights).
-    reference: Literal["precomputed", "on_the_fly"] = "precomputed"
-
-
-class KdConfig(_Strict):
-    """Knowledge distillation (paradigm kd, chat data): a frozen teacher of the same tokenizer."""
-    teacher: str  # a local folder (relative to the recipe) or hf://org/name
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    temperature: float = Field(1.0, gt=0)
-    # loss = weight · divergence + (1 − weight) · cross-entropy on the data, per assistant token
-    weight: float = Field(0.5, ge=0, le=1)
-
-    @field_validator("teacher")
-    @classmethod
-    def _teacher_uri(cls, value: str) -> str:
-        if value.startswith("s3://"):
-            raise ValueError("s3:// teacher locations are not supported yet; use a local path or hf://org/name")
-        return value
-
-
-class RewardConfig(_Strict):
-    """One reward function: a built-in (exact_match, regex, length_penalty) or 'package.module:function'."""
-    name: str
-    weight: float = 1.0
-    params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None  # the key it is logged under (default: name); two uses of one function need one
-
-    @model_validator(mode="after")
-    def _resolvable(self) -> RewardConfig:
-        from posttrain.training_lib.rl.rewards import check_reward_spec  # imports no torch
-
-        check_reward_spec(self.name, self.params)
-        return self
-
-    @property
-    def key(self) -> str:
-        return self.label or self.name
-
-
-class GrpoConfig(_Strict):
-    """On-policy RL with group-relative advantages (paradigm grpo, prompt data)."""
-    group_size: int = Field(4, ge=2, le=256)  # completions sampled per prompt (G)
-    prompts_per_step: int = Field(4, ge=1)
-    max_new_tokens: int = Field(32, ge=1, le=32768)
-    temperature: float = Field(1.0, gt=0)
-    clip_eps: float = Field(0.2, gt=0, lt=1)
-    clip_eps_high: float | None = Field(None, gt=0)  # DAPO's decoupled upper clip (default: clip_eps)
-    kl_beta: float = Field(0.04, ge=0)  # weight of the KL to the reference; 0: no reference model
-    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
-    normalize_advantages: bool = True  # divide by the group's reward std (GRPO); false: mean-centred only
-    # 1: the next batch is generated while the policy updates on this one (one step stale, the
-    # clipped ratio corrects for it); 0: strictly on-policy.
-    staleness: Literal[0, 1] = 0
-    rollout_workers: int = Field(1, ge=1, le=64)
-    sync_bucket_mb: int = Field(256, ge=1)  # full-weight sync to the rollout engines, in buckets of this size
-    rewards: list[RewardConfig] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _unique_keys(self) -> GrpoConfig:
-        keys = [r.key for r in self.rewards]
-        if len(set(keys)) != len(keys) or "total" in keys:
-            raise ValueError(f"reward keys must be unique and not 'total' (set label): {keys}")
-        return self
-
-
-class Ec2Config(_Strict):
-    """One Ray cluster per run on EC2: a head node and `worker_nodes` GPU workers running `image`."""
-    aws_conn_id: str = "aws_default"
-    region: str = Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
-    head_instance_type: str = "m6i.xlarge"
-    worker_instance_type: str
-    worker_nodes: int = Field(ge=1, le=512)
-    ami: str | None = Field(None, pattern=r"^ami-[0-9a-f]{8,17}$")
-    ami_ssm_parameter: str | None = Field(None, pattern=r"^/[\w./-]+$")  # e.g. an AWS Deep Learning AMI's
-    subnet_id: str = Field(pattern=r"^subnet-[0-9a-f]{8,17}$")
-    security_group_ids: list[str] = Field(min_length=1)
-    iam_instance_profile: str = Field(min_length=1)  # name or ARN
-    key_name: str | None = None
-    root_volume_gib: int = Field(200, ge=20, le=16384)
-    spot_workers: bool = False  # spot workers, falling back to on-demand when there is no capacity
-    public_ip: bool = False
-    tags: dict[str, str] = Field(default_factory=dict)
-    image: str = Field(min_length=1)  # the container image every node runs (docker/ray.Dockerfile)
-    # How Airflow reaches the head's dashboard (Ray Jobs API): the head's private IP by default; a
-    # tunnel or load balancer in front of it can be named here ({private_ip} / {public_ip} filled in).
-    dashboard_url: str = "http://{private_ip}:8265"
-    ray_port: int = Field(6379, ge=1, le=65535)
-    launch_timeout_s: int = Field(900, ge=30)
-
-    @field_validator("head_instance_type", "worker_instance_type")
-    @classmethod
-    def _instance_type(cls, value: str) -> str:
-        return instance_types.check_shape(value)
-
-    @field_validator("security_group_ids")
-    @classmethod
-    def _groups(cls, value: list[str]) -> list[str]:
-        bad = [g for g in value if not re.fullmatch(r"sg-[0-9a-f]{8,17}", g)]
-        if bad:
-            raise ValueError(f"not security group ids: {bad}")
-        return value
-
-    @model_validator(mode="after")
-    def _ami(self) -> Ec2Config:
-        if (self.ami is None) == (self.ami_ssm_parameter is None):
-            raise ValueError("set exactly one of ami and ami_ssm_parameter")
         return self
 
 
@@ -471,17 +356,20 @@ def _errors(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def parse_recipe(data: Any, source: str = "<recipe>", base_dir: str | Path | None = None) -> Recipe:
+def parse_recipe(data: Any, source: str = "<recipe>", base_dir: str | Path | None = None,
+                 import_user_code: bool = True) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(source, [("(recipe)", f"expected a mapping at the top level, got {type(data).__name__}")])
     try:
-        return Recipe.model_validate(data, context={"base_dir": base_dir})
+        return Recipe.model_validate(data, context={"base_dir": base_dir, "import_user_code": import_user_code})
     except ValidationError as exc:
         raise RecipeError(source, _errors(exc)) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; every problem is reported as `file: field.path: message`."""
+def load_recipe(path: str | Path, import_user_code: bool = True) -> Recipe:
+    """Read and validate a recipe file; every problem is reported as `file: field.path: message`.
+    `import_user_code` false: user functions the recipe names (GRPO rewards) are checked for their
+    form only, not imported (the DAG processor parses recipes so)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -493,7 +381,7 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(yaml)"
         raise RecipeError(str(path), [(where, str(getattr(exc, "problem", exc)))]) from None
-    return parse_recipe(data, str(path), base_dir=path.resolve().parent)
+    return parse_recipe(data, str(path), base_dir=path.resolve().parent, import_user_code=import_user_code)
 
 
 # Run-time overrides a user may set from the Airflow UI: name -> (field path, JSON schema).

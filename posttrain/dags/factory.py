@@ -89,7 +89,7 @@ def load_recipe_dags(recipes_dir: str | Path, only: str | None = None) -> dict[s
         if path.suffix not in RECIPE_SUFFIXES or (only is not None and path.name != only):
             continue
         try:
-            recipe = load_recipe(path)
+            recipe = load_recipe(path, import_user_code=False)  # no user reward modules at parse time
             dags[recipe.dag_id] = build_dag(recipe, path)
         except RecipeError as exc:
             errors.append(str(exc))

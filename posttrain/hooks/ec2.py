@@ -17,7 +17,7 @@ import shlex
 import time
 from typing import Any
 
-from posttrain.recipe import Ec2Config
+from posttrain.ec2_config import Ec2Config
 
 TAG_CLUSTER, TAG_DAG, TAG_RUN, TAG_ROLE = ("posttrain:cluster-id", "posttrain:dag-id", "posttrain:run-id",
                                            "posttrain:role")

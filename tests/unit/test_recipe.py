@@ -87,6 +87,20 @@ def test_each_paradigm_gets_its_metrics_and_promotion_defaults(tmp_path: Path) -
     assert loss.promotion.mode == "min"
 
 
+def test_user_reward_modules_are_imported_at_load_but_not_at_dag_parse(tmp_path: Path) -> None:
+    from posttrain.recipe import RecipeError, load_recipe
+
+    path = write_recipe(tmp_path, paradigm="grpo", data={"format": "prompt"},
+                        grpo={"rewards": [{"name": "team_rewards.not_installed:score"}]})
+    with pytest.raises(RecipeError, match="team_rewards.not_installed"):
+        load_recipe(path)
+    assert load_recipe(path, import_user_code=False).grpo.rewards[0].name == "team_rewards.not_installed:score"
+    bad = write_recipe(tmp_path / "bad", paradigm="grpo", data={"format": "prompt"},
+                       grpo={"rewards": [{"name": "not a path:x y"}]})
+    with pytest.raises(RecipeError, match="not an import path"):
+        load_recipe(bad, import_user_code=False)
+
+
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, training={"learning_rate": -1, "micro_batch_size": 0}, compute={"workers": 0})
     fields = {loc for loc, _ in errors_of(path)}

@@ -16,22 +16,35 @@ from pathlib import Path
 import torch
 
 
-def _tables(workspace: Path, split: str) -> list:
+def read_manifest(workspace: Path) -> dict:
+    """data/manifest.json: the splits' shards and stats, and the tokenizer the data was prepared with."""
+    return json.loads((workspace / "data" / "manifest.json").read_text())
+
+
+def split_tables(workspace: Path, split: str) -> list:
     import pyarrow.parquet as pq
 
-    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
-    return [pq.read_table(workspace / shard) for shard in manifest["splits"][split]["shards"]]
+    return [pq.read_table(workspace / shard) for shard in read_manifest(workspace)["splits"][split]["shards"]]
+
+
+def read_prompts(workspace: Path, split: str) -> list[dict]:
+    """The prompt layout (RL): token ids with the generation prompt, the messages, the reference answer."""
+    prompts = [{"ids": r["prompt_input_ids"], "messages": json.loads(r["prompt"]), "answer": r["answer"]}
+               for t in split_tables(workspace, split) for r in t.to_pylist()]
+    if not prompts:
+        raise ValueError(f"{workspace / 'data'}: the prepared {split} split holds no prompts")
+    return prompts
 
 
 def read_documents(workspace: Path, split: str) -> tuple[list[list[int]], list[list[bool]]]:
     """Tokenized, unpacked documents (the streaming layout): ids and which tokens train."""
-    tables = _tables(workspace, split)
+    tables = split_tables(workspace, split)
     return ([r for t in tables for r in t.column("input_ids").to_pylist()],
             [r for t in tables for r in t.column("assistant_mask").to_pylist()])
 
 
 def read_blocks(workspace: Path, split: str) -> dict[str, torch.Tensor]:
-    tables = _tables(workspace, split)
+    tables = split_tables(workspace, split)
     out = {}
     for column in ("input_ids", "labels", "position_ids"):
         rows = [row for t in tables for row in t.column(column).to_pylist()]

@@ -9,24 +9,19 @@ sequence to itself and no compute goes to padding (the row is only rounded up to
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from posttrain.training_lib.data.loader import PackedLoader
+from posttrain.training_lib.data.loader import PackedLoader, split_tables
 from posttrain.training_lib.data.packing import IGNORE, shifted_labels
 
 Pair = tuple[list[int], list[bool], list[int], list[bool]]  # chosen ids, mask, rejected ids, mask
 
 
 def read_pairs(workspace: Path, split: str) -> list[Pair]:
-    import pyarrow.parquet as pq
-
-    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
     pairs: list[Pair] = []
-    for shard in manifest["splits"][split]["shards"]:
-        table = pq.read_table(workspace / shard)
+    for table in split_tables(workspace, split):
         pairs.extend(zip(*(table.column(c).to_pylist() for c in
                            ("chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask")), strict=True))
     if not pairs:

@@ -12,18 +12,12 @@ from posttrain.recipe import Recipe, model_location
 
 @torch.no_grad()
 def divergence_to_teacher(recipe: Recipe, model_dir: Path, workspace: Path, batch_size: int = 4) -> dict:
-    from transformers import AutoModelForCausalLM
-
     from posttrain.training_lib.data.loader import read_blocks
     from posttrain.training_lib.losses.distill import distill_loss
-    from posttrain.training_lib.models.attention import register
-
-    def load(location: str) -> torch.nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, attn_implementation=register())
-        return model.eval()
+    from posttrain.training_lib.models.loading import load_for_eval
 
     kd = recipe.kd
-    student, teacher = load(str(model_dir)), load(model_location(kd.teacher))
+    student, teacher = load_for_eval(model_dir), load_for_eval(model_location(kd.teacher))
     blocks = read_blocks(workspace, "eval")
     total, count = 0.0, 0
     for start in range(0, blocks["input_ids"].shape[0], batch_size):

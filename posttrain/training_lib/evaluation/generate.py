@@ -10,7 +10,9 @@ from posttrain.training_lib.data.chat import prompt_and_reference
 from posttrain.training_lib.data.prepare import read_jsonl
 
 
-def _loopback_defaults() -> None:
+def vllm_loopback_defaults() -> None:
+    """Before vLLM is imported: in-process engine (no spawned workers), a small KV cache on the
+    CPU, everything on loopback. Variables already set win."""
     # In-process engine (no spawned workers), a small KV cache, everything on loopback.
     for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                        "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1",
@@ -19,7 +21,7 @@ def _loopback_defaults() -> None:
 
 
 def generate_and_score(recipe: Recipe, model_dir: Path) -> tuple[dict, list[dict]]:
-    _loopback_defaults()
+    vllm_loopback_defaults()
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 

@@ -12,12 +12,9 @@ from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
 @torch.no_grad()
 def eval_loss(model_dir: Path, workspace: Path, batch_size: int = 4) -> dict:
-    from transformers import AutoModelForCausalLM
+    from posttrain.training_lib.models.loading import load_for_eval
 
-    from posttrain.training_lib.models.attention import register
-
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=register())
-    model = CausalLMWithLoss(lm).eval()
+    model = CausalLMWithLoss(load_for_eval(model_dir)).eval()
     blocks = read_blocks(workspace, "eval")
     total, count = 0.0, 0
     for start in range(0, blocks["input_ids"].shape[0], batch_size):

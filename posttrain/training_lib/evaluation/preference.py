@@ -14,24 +14,19 @@ from posttrain.recipe import Recipe
 
 @torch.no_grad()
 def preference_metrics(recipe: Recipe, model_dir: Path, workspace: Path, pairs_per_batch: int = 8) -> dict:
-    import json
-
-    from transformers import AutoModelForCausalLM
-
+    from posttrain.training_lib.data.loader import read_manifest
     from posttrain.training_lib.data.pairs import collate_pairs, read_pairs
     from posttrain.training_lib.losses.preference import preference_loss
-    from posttrain.training_lib.models.attention import register
-    from posttrain.training_lib.models.loading import load_for_training
+    from posttrain.training_lib.models.loading import load_for_eval, load_for_training
     from posttrain.training_lib.models.with_loss import CausalLMWithLoss
     from posttrain.training_lib.trainers.dpo import pair_logprobs
 
     dpo = recipe.dpo
-    policy = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation=register())).eval()
+    policy = CausalLMWithLoss(load_for_eval(model_dir)).eval()
     reference = CausalLMWithLoss(load_for_training(recipe.model_copy(update={"model": recipe.model.model_copy(
         update={"lora": None})}))).eval()
     pairs = read_pairs(workspace, "eval")
-    pad_id = json.loads((workspace / "data" / "manifest.json").read_text())["tokenizer"]["block_pad_id"]
+    pad_id = read_manifest(workspace)["tokenizer"]["block_pad_id"]
     normalize = dpo.loss == "ipo"
     scored = {"policy": [], "reference": []}
     for start in range(0, len(pairs), pairs_per_batch):

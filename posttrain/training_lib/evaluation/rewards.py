@@ -9,25 +9,21 @@ from posttrain.recipe import Recipe
 
 
 def reward_metrics(recipe: Recipe, model_dir: Path, workspace: Path) -> tuple[dict, list[dict]]:
-    import os
-
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
+    from posttrain.training_lib.data.loader import read_prompts
+    from posttrain.training_lib.evaluation.generate import vllm_loopback_defaults
     from posttrain.training_lib.rl.rewards import RewardSpec, score
-    from posttrain.training_lib.rl.rollout import ENGINE_ENV
-    from posttrain.training_lib.trainers.grpo import read_prompts
+    from posttrain.training_lib.rl.rollout import stop_token_ids
 
-    for key, value in ENGINE_ENV.items():
-        os.environ.setdefault(key, value)
+    vllm_loopback_defaults()
     g = recipe.grpo
     prompts = read_prompts(workspace, "eval")[: recipe.evaluation.max_samples]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    stop = [i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
-            if isinstance(i, int) and i >= 0]
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=recipe.data.max_seq_len + g.max_new_tokens,
               enforce_eager=True, seed=0, max_num_seqs=16)
-    params = SamplingParams(temperature=0.0, max_tokens=g.max_new_tokens, stop_token_ids=sorted(stop),
+    params = SamplingParams(temperature=0.0, max_tokens=g.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer),
                             allowed_token_ids=list(range(len(tokenizer))))
     outputs = llm.generate([{"prompt_token_ids": p["ids"]} for p in prompts], params, use_tqdm=False)
     texts = [o.outputs[0].text for o in outputs]

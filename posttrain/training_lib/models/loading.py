@@ -43,6 +43,15 @@ def apply_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
+def load_for_eval(location: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A saved model as the evaluation scores it: our per-document attention, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.training_lib.models.attention import register
+
+    return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=register()).eval()
+
+
 def load_for_training(recipe: Recipe, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 

@@ -13,22 +13,25 @@ Runs vLLM in-process (no engine subprocess), on 127.0.0.1, with a small KV cache
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1",
-              "VLLM_LOOPBACK_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+from posttrain.training_lib.evaluation.generate import vllm_loopback_defaults
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Where a reply ends: the chat template's end-of-turn token and the tokenizer's EOS."""
+    return sorted(i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+                  if isinstance(i, int) and i >= 0)
 
 
 class RolloutEngine:
     """One vLLM engine on `model_dir` in `dtype` (the policy's: rollout and policy precision match)."""
 
-    def __init__(self, model_dir: str, dtype: str, max_model_len: int, vocab: int, stop_token_ids: list[int],
+    def __init__(self, model_dir: str, dtype: str, max_model_len: int, vocab: int, stop_ids: list[int],
                  seed: int = 0):
-        for key, value in ENGINE_ENV.items():
-            os.environ.setdefault(key, value)
+        vllm_loopback_defaults()
         import logging
 
         from vllm import LLM
@@ -39,7 +42,7 @@ class RolloutEngine:
 
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=seed,
                        max_num_seqs=64)
-        self.model_dir, self.vocab, self.stop_token_ids = model_dir, vocab, stop_token_ids
+        self.model_dir, self.vocab, self.stop_ids = model_dir, vocab, stop_ids
         self.base: dict[str, Any] = {}  # base weights of the LoRA-adapted layers (adapter sync)
         self.version = 0
 
@@ -49,7 +52,7 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed + i,
-                                 stop_token_ids=self.stop_token_ids, allowed_token_ids=list(range(self.vocab)))
+                                 stop_token_ids=self.stop_ids, allowed_token_ids=list(range(self.vocab)))
                   for i in range(len(prompts))]
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

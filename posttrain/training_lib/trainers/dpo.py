@@ -9,7 +9,6 @@ the workspace instead of being computed again.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from posttrain.training_lib.data.loader import read_manifest
     from posttrain.training_lib.data.pairs import PairLoader, read_pairs
     from posttrain.training_lib.grad_clip import clip_grad_norm
     from posttrain.training_lib.losses.preference import preference_loss
@@ -30,7 +30,7 @@ def train_loop(config: dict) -> None:
     w = common.start_worker(config)
     t, device, dpo = w.t, w.device, w.recipe.dpo
     pairs = read_pairs(w.workspace, "train")
-    pad_id = json.loads((w.workspace / "data" / "manifest.json").read_text())["tokenizer"]["block_pad_id"]
+    pad_id = read_manifest(w.workspace)["tokenizer"]["block_pad_id"]
     loader = PairLoader(pairs, w.dp_rank, w.dp_size, t.micro_batch_size, t.seed, pad_id)
     max_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum)
     model, trainable, optimizer, report = common.build_model(w)

@@ -19,6 +19,8 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean as _fmean
+from statistics import pstdev as _pstdev
 from typing import Any
 
 from posttrain.recipe import Recipe
@@ -77,9 +79,10 @@ def start_roles(recipe: Recipe, workspace: Path, tokenizer: Any) -> Roles:
     import ray
     from transformers import AutoConfig
 
+    from posttrain.training_lib.data.loader import read_manifest
     from posttrain.training_lib.models.loading import model_dir
     from posttrain.training_lib.rl.policy import PolicyWorker
-    from posttrain.training_lib.rl.rollout import RolloutEngine
+    from posttrain.training_lib.rl.rollout import RolloutEngine, stop_token_ids
 
     g, c = recipe.grpo, recipe.compute
     actor = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker)(PolicyWorker)
@@ -88,24 +91,23 @@ def start_roles(recipe: Recipe, workspace: Path, tokenizer: Any) -> Roles:
     infos = ray.get([p.init.remote(recipe.model_dump_json(), str(workspace), r, c.workers, f"{host}:{port}")
                      for r, p in enumerate(policy)])
     plan = infos[0]["plan"]
-    stop = sorted(i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
-                  if isinstance(i, int) and i >= 0)
     base_dir = str(model_dir(recipe.model.base))
     engine = ray.remote(num_cpus=1, num_gpus=1 if c.gpus_per_worker else 0)(RolloutEngine)
     engines = [engine.remote(base_dir, plan["param_dtype"], recipe.data.max_seq_len + g.max_new_tokens,
-                             len(tokenizer), stop, recipe.training.seed) for _ in range(g.rollout_workers)]
+                             len(tokenizer), stop_token_ids(tokenizer), recipe.training.seed)
+               for _ in range(g.rollout_workers)]
     rewarder = ray.remote(num_cpus=0)(RewardWorker).remote([r.model_dump() for r in g.rewards])
-    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
     print(f"GRPO: plan {json.dumps(plan)}; {infos[0]['trainable']} trainable parameters on {c.workers} policy "
           f"workers, {g.rollout_workers} vLLM engines ({plan['param_dtype']}); {g.prompts_per_step} × "
           f"{g.group_size} completions per step, staleness {g.staleness}", flush=True)
     return Roles(policy, engines, rewarder, plan, AutoConfig.from_pretrained(base_dir).vocab_size,
-                 manifest["tokenizer"]["block_pad_id"])
+                 read_manifest(workspace)["tokenizer"]["block_pad_id"])
 
 
 def run(recipe: Recipe, workspace: Path) -> dict:
     import ray
 
+    from posttrain.training_lib.data.loader import read_prompts
     from posttrain.training_lib.data.tokenizer import require_same_tokenizer
     from posttrain.training_lib.metrics import make_step_logger
 
@@ -188,9 +190,9 @@ def step_metrics(scores: dict, rollouts: list[dict], result: dict, clock: dict, 
     tokens = sum(r["tokens"] for r in rollouts)
     completions = sum(len(r["completions"]) for r in rollouts)
     per_reward = {k: v for k, v in scores.items() if k != "total"}
-    return {"reward/mean": _mean(scores["total"]), "reward/std": _std(scores["total"]),
-            **{f"reward/{k}": _mean(v) for k, v in per_reward.items()},
-            **{f"reward/{k}_std": _std(v) for k, v in per_reward.items()},
+    return {"reward/mean": _fmean(scores["total"]), "reward/std": _pstdev(scores["total"]),
+            **{f"reward/{k}": _fmean(v) for k, v in per_reward.items()},
+            **{f"reward/{k}_std": _pstdev(v) for k, v in per_reward.items()},
             "kl": result["kl"], "clip_fraction": result["clip_fraction"],
             "rollout_tokens_per_s": tokens / gen_s if gen_s else 0.0, "rollout_s": gen_s,
             "rollout_wait_s": clock["wait"], "update_s": clock["update"], "sync_s": clock["sync"],
@@ -267,31 +269,8 @@ def sync(roles: Roles, bucket_mb: int, version: int) -> None:
         ray.get([e.load_full.remote(payload["buckets"], version) for e in roles.engines])
 
 
-def read_prompts(workspace: Path, split: str) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
-    out = []
-    for shard in manifest["splits"][split]["shards"]:
-        table = pq.read_table(workspace / shard).to_pylist()
-        out += [{"ids": r["prompt_input_ids"], "messages": json.loads(r["prompt"]), "answer": r["answer"]}
-                for r in table]
-    if not out:
-        raise ValueError(f"{workspace / 'data'}: the prepared {split} split holds no prompts")
-    return out
-
-
 def _learning_rate(recipe: Recipe, step: int, max_steps: int) -> float:
     from posttrain.training_lib.schedule import learning_rate
 
     t = recipe.training
     return learning_rate(step, t.learning_rate, max_steps, t.warmup_steps, t.lr_schedule)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def _std(values: list[float]) -> float:
-    m = _mean(values)
-    return (sum((v - m) ** 2 for v in values) / len(values)) ** 0.5 if values else 0.0

@@ -8,7 +8,6 @@ Ray worker continues where training stopped instead of starting over.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from posttrain.recipe import Recipe
@@ -58,11 +57,11 @@ def train_loop(config: dict) -> None:
 def make_loader(recipe: Recipe, workspace: Path, rank: int, world: int) -> tuple:
     """This rank's micro-batches: offline-packed blocks, or blocks packed on the fly from the
     document stream. Returns (loader, blocks per epoch over all ranks)."""
-    from posttrain.training_lib.data.loader import PackedLoader, read_blocks, read_documents
+    from posttrain.training_lib.data.loader import PackedLoader, read_blocks, read_documents, read_manifest
     from posttrain.training_lib.data.streaming import StreamingLoader, StreamingPacker
 
     t, packing = recipe.training, recipe.data.packing
-    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    manifest = read_manifest(workspace)
     if packing.mode == "streaming":
         ids, trains = read_documents(workspace, "train")
         packer = StreamingPacker(ids, trains, recipe.data.max_seq_len, manifest["tokenizer"]["block_pad_id"],

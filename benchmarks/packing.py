@@ -59,7 +59,7 @@ def padded_batches(lengths: np.ndarray, seed: int = 0) -> list[np.ndarray]:
 
 
 def fills(lengths: np.ndarray, block: int) -> tuple[float, float, list[list[int]]]:
-    from posttrain.training_lib.data.packing import best_fit_decreasing
+    from posttrain.prep.packing import best_fit_decreasing
 
     bins = best_fit_decreasing(lengths.tolist(), block)
     fill_packed = lengths.sum() / (len(bins) * block)
@@ -90,7 +90,7 @@ def packed_steps(lengths: np.ndarray, bins: list[list[int]], block: int):
     """One packed block a step: ids, labels shifted inside each document, restarting positions."""
     import torch
 
-    from posttrain.training_lib.data.packing import pack
+    from posttrain.prep.packing import pack
 
     rng = np.random.default_rng(1)
     for b in rng.permutation(len(bins)):

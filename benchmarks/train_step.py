@@ -63,10 +63,10 @@ def run_arm(out: Path, arm: str, args: argparse.Namespace) -> dict:
     import torch
     import torch.distributed as dist
 
+    from posttrain.planning import model_shape
     from posttrain.recipe import parse_recipe
     from posttrain.training_lib.flops import device_peak_flops, mfu, training_flops
     from posttrain.training_lib.grad_clip import clip_grad_norm
-    from posttrain.training_lib.parallel.estimate import model_shape
     from posttrain.training_lib.parallel.parallelize import build_parallel_model, make_mesh
     from posttrain.training_lib.parallel.plan import make_plan
 
@@ -87,7 +87,7 @@ def run_arm(out: Path, arm: str, args: argparse.Namespace) -> dict:
         plan = make_plan(recipe, 1, device)
         model, _ = build_parallel_model(recipe, plan, make_mesh(plan, device))
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")  # as trainers/common.py
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")  # as runtime.build_model
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, PRESETS[args.preset]["vocab"], (args.micro_batch, args.seq_len), generator=g)
         position_ids = (torch.arange(args.seq_len) % args.doc_len).expand(args.micro_batch, -1)

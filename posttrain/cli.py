@@ -46,7 +46,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from posttrain.training_lib.parallel.estimate import check_plan, model_shape, plan_report
+    from posttrain.planning import check_plan, model_shape, plan_report
 
     recipe = load_recipe(args.recipe)
     shape = model_shape(recipe)
@@ -69,6 +69,8 @@ def _airflow_env(home: Path, dags_folder: Path) -> None:
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home}/airflow.db")
     os.environ.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "http://127.0.0.1:8080/execution/")
+    # The train and evaluate tasks wait in the triggerer (dag.test() runs triggers inline).
+    os.environ.setdefault("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
 
 
 def _parse_conf(pairs: list[str]) -> dict[str, Any]:

@@ -1,25 +1,19 @@
 """The recipe sections of the paradigms beyond SFT (`dpo`, `kd`, `grpo`) and what each paradigm
-trains on and is evaluated by. Part of the recipe schema (posttrain/recipe.py); imports no torch.
+trains on. Part of the recipe schema (posttrain/recipe.py); imports no torch.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from posttrain.config_base import Strict as _Strict
+from posttrain.rewards import RewardSpec
 
-# What the evaluate stage can measure for each paradigm; the first is the default promotion metric.
-PARADIGM_METRICS = {
-    "sft": ("eval_loss", "exact_match"),
-    "dpo": ("preference_accuracy", "reward_margin", "dpo_loss"),
-    "kd": ("eval_loss", "exact_match", "kl_to_teacher"),
-    "grpo": ("reward_mean",),
-}
-LOWER_IS_BETTER = ("eval_loss", "dpo_loss", "kl_to_teacher")
-PARADIGM_DATA = {"sft": "chat", "dpo": "preference", "kd": "chat", "grpo": "prompt"}
+Paradigm = Literal["sft", "dpo", "kd", "grpo"]
+# The data format each paradigm trains on (the metrics each is evaluated by: posttrain/eval_metrics.py).
+PARADIGM_DATA: dict[str, str] = {"sft": "chat", "dpo": "preference", "kd": "chat", "grpo": "prompt"}
 
 
 class DpoConfig(_Strict):
@@ -48,31 +42,6 @@ class KdConfig(_Strict):
         return value
 
 
-class RewardConfig(_Strict):
-    """One reward function: a built-in (exact_match, regex, length_penalty) or 'package.module:function'."""
-    name: str
-    weight: float = 1.0
-    params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None  # the key it is logged under (default: name); two uses of one function need one
-
-    @model_validator(mode="after")
-    def _resolvable(self, info: Any) -> RewardConfig:
-        # The DAG processor parses recipes without importing user reward modules (they may import
-        # torch); the first task and `posttrain validate` import and check them.
-        if ":" in self.name and not ((info.context or {}) if info is not None else {}).get("import_user_code", True):
-            if not re.fullmatch(r"[\w.]+:[\w.]+", self.name):
-                raise ValueError(f"reward {self.name!r}: not an import path of the form 'package.module:function'")
-            return self
-        from posttrain.training_lib.rl.rewards import check_reward_spec  # imports no torch
-
-        check_reward_spec(self.name, self.params)
-        return self
-
-    @property
-    def key(self) -> str:
-        return self.label or self.name
-
-
 class GrpoConfig(_Strict):
     """On-policy RL with group-relative advantages (paradigm grpo, prompt data)."""
     group_size: int = Field(4, ge=2, le=256)  # completions sampled per prompt (G)
@@ -89,7 +58,7 @@ class GrpoConfig(_Strict):
     staleness: Literal[0, 1] = 0
     rollout_workers: int = Field(1, ge=1, le=64)
     sync_bucket_mb: int = Field(256, ge=1)  # full-weight sync to the rollout engines, in buckets of this size
-    rewards: list[RewardConfig] = Field(min_length=1)
+    rewards: list[RewardSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique_keys(self) -> GrpoConfig:

@@ -17,17 +17,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from posttrain import instance_types
 from posttrain.config_base import Strict
 from posttrain.ec2_config import Ec2Config
-from posttrain.paradigm_config import (
-    LOWER_IS_BETTER,
-    PARADIGM_DATA,
-    PARADIGM_METRICS,
-    DpoConfig,
-    GrpoConfig,
-    KdConfig,
-)
+from posttrain.eval_metrics import MetricName, default_mode, paradigm_metrics
+from posttrain.paradigm_config import PARADIGM_DATA, DpoConfig, GrpoConfig, KdConfig, Paradigm
+from posttrain.rewards import user_code_imports
+from posttrain.uris import resolve_uri
 
-IMPLEMENTED_PARADIGMS = ("sft", "dpo", "kd", "grpo")
-IMPLEMENTED_PROVIDERS = ("local", "ray", "ec2")
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 # libyaml's loader when present: the DAG processor parses every recipe on every pass.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -42,13 +36,6 @@ class RecipeError(ValueError):
         self.source = source
         self.errors = errors
         super().__init__("\n".join(f"{source}: {loc}: {msg}" for loc, msg in errors))
-
-
-def _require_implemented(value: str, implemented: tuple[str, ...], what: str) -> str:
-    """Values the schema knows of but the code can't run yet are refused with what can run."""
-    if value not in implemented:
-        raise ValueError(f"{what} {value!r} is not implemented yet; implemented: " + ", ".join(implemented))
-    return value
 
 
 _Strict = Strict  # every section refuses unknown fields
@@ -106,8 +93,8 @@ class DataValidationConfig(_Strict):
 
 class DataConfig(_Strict):
     format: Literal["chat", "preference", "prompt"] = "chat"
-    train: str
-    eval: str | None = None
+    train: str = Field(min_length=1, description="Training data: a JSONL file (path relative to the recipe, or a URI)")
+    eval: str | None = Field(None, description="Evaluation data: a JSONL file of the same format (path or URI)")
     max_seq_len: int = Field(2048, gt=0, le=1_048_576)
     train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
     packing: PackingConfig = Field(default_factory=PackingConfig)
@@ -115,9 +102,9 @@ class DataConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    max_steps: int | None = Field(100, ge=1)
+    max_steps: int | None = Field(100, ge=1, le=10_000_000, description="Optimizer steps to train")
     epochs: int | None = Field(None, ge=1)
-    learning_rate: float = Field(2.0e-5, gt=0, le=1)
+    learning_rate: float = Field(2.0e-5, gt=0, le=1, description="Peak learning rate")
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -133,7 +120,7 @@ class TrainingConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Random seed of the data order, the initialisation and sampling")
 
     @model_validator(mode="after")
     def _length(self) -> TrainingConfig:
@@ -157,11 +144,6 @@ class ComputeConfig(_Strict):
     memory_per_worker_gib: float | None = Field(None, gt=0)  # device memory budget `posttrain plan` checks
     ec2: Ec2Config | None = None
 
-    @field_validator("provider")
-    @classmethod
-    def _implemented(cls, value: str) -> str:
-        return _require_implemented(value, IMPLEMENTED_PROVIDERS, "compute provider")
-
     @model_validator(mode="after")
     def _ec2(self) -> ComputeConfig:
         if (self.provider == "ec2") != (self.ec2 is not None):
@@ -179,15 +161,14 @@ class EvaluationConfig(_Strict):
     engine: Literal["vllm"] = "vllm"
     max_new_tokens: int = Field(64, ge=1, le=32768)
     max_samples: int = Field(64, ge=1)
-    # Default: every metric of the paradigm (PARADIGM_METRICS).
-    metrics: list[Literal["eval_loss", "exact_match", "preference_accuracy", "reward_margin", "dpo_loss",
-                          "reward_mean", "kl_to_teacher"]] | None = Field(None, min_length=1)
+    # Default: every metric of the paradigm (posttrain/eval_metrics.py).
+    metrics: list[MetricName] | None = Field(None, min_length=1)
 
 
 class PromotionConfig(_Strict):
     metric: str | None = None  # default: the paradigm's first metric
     mode: Literal["min", "max"] | None = None  # default: min for losses, max otherwise
-    min_improvement: float = Field(0.0, ge=0)
+    min_improvement: float = Field(0.0, ge=0, description="Margin by which the challenger must beat the champion")
 
 
 class StorageConfig(_Strict):
@@ -210,7 +191,7 @@ class TrackingConfig(_Strict):
 
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    paradigm: Literal["sft", "dpo", "kd", "grpo"] = "sft"
+    paradigm: Paradigm = "sft"
     description: str = ""
     schedule: str | None = None
     trigger_on_assets: list[str] = Field(default_factory=list)
@@ -227,11 +208,6 @@ class Recipe(_Strict):
     dpo: DpoConfig | None = None  # paradigm dpo (defaults when omitted)
     kd: KdConfig | None = None  # paradigm kd (required: it names the teacher)
     grpo: GrpoConfig | None = None  # paradigm grpo (required: it names the rewards)
-
-    @field_validator("paradigm")
-    @classmethod
-    def _implemented(cls, value: str) -> str:
-        return _require_implemented(value, IMPLEMENTED_PARADIGMS, "paradigm")
 
     @field_validator("schedule")
     @classmethod
@@ -292,7 +268,7 @@ class Recipe(_Strict):
                              "and needs model.lora; without LoRA use 'precomputed'")
 
     def _evaluation_defaults(self) -> None:
-        allowed = PARADIGM_METRICS[self.paradigm]
+        allowed = paradigm_metrics(self.paradigm)
         if self.evaluation.metrics is None:
             self.evaluation.metrics = list(allowed)
         wrong = [m for m in self.evaluation.metrics if m not in allowed]
@@ -302,7 +278,7 @@ class Recipe(_Strict):
         if self.promotion.metric is None:
             self.promotion.metric = allowed[0]
         if self.promotion.mode is None:
-            self.promotion.mode = "min" if self.promotion.metric in LOWER_IS_BETTER else "max"
+            self.promotion.mode = default_mode(self.promotion.metric)
 
     @property
     def dag_id(self) -> str:
@@ -315,32 +291,6 @@ class Recipe(_Strict):
     @property
     def champion_uri(self) -> str:
         return f"{self.storage.root}/{self.name}/champion.json"
-
-
-def resolve_uri(value: str, base_dir: str | Path) -> str:
-    """A path without a scheme is taken relative to `base_dir` and becomes a file:// URI."""
-    if "://" in value:
-        return value
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = Path(base_dir) / path
-    return "file://" + str(path.resolve())
-
-
-def local_path(uri: str) -> Path:
-    """The filesystem path of a file:// URI (or a plain path)."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
-    if "://" in uri:
-        raise ValueError(f"{uri} is not a local path")
-    return Path(uri)
-
-
-def model_location(uri: str) -> str:
-    """What from_pretrained takes: a local folder for file:// (or plain paths), org/name for hf://."""
-    if uri.startswith("hf://"):
-        return uri.removeprefix("hf://")
-    return str(local_path(uri))
 
 
 def _errors(exc: ValidationError) -> list[tuple[str, str]]:
@@ -361,7 +311,8 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: str | Path | Non
     if not isinstance(data, dict):
         raise RecipeError(source, [("(recipe)", f"expected a mapping at the top level, got {type(data).__name__}")])
     try:
-        return Recipe.model_validate(data, context={"base_dir": base_dir, "import_user_code": import_user_code})
+        with user_code_imports(import_user_code):
+            return Recipe.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise RecipeError(source, _errors(exc)) from None
 
@@ -382,44 +333,3 @@ def load_recipe(path: str | Path, import_user_code: bool = True) -> Recipe:
         where = f"line {mark.line + 1}" if mark else "(yaml)"
         raise RecipeError(str(path), [(where, str(getattr(exc, "problem", exc)))]) from None
     return parse_recipe(data, str(path), base_dir=path.resolve().parent, import_user_code=import_user_code)
-
-
-# Run-time overrides a user may set from the Airflow UI: name -> (field path, JSON schema).
-# Anything else in a run's conf is refused, so a manual trigger can't change e.g. storage or compute.
-OVERRIDES: dict[str, tuple[str, dict[str, Any]]] = {
-    "learning_rate": ("training.learning_rate", {"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
-    "max_steps": ("training.max_steps", {"type": "integer", "minimum": 1, "maximum": 10_000_000}),
-    "seed": ("training.seed", {"type": "integer", "minimum": 0}),
-    "train_data": ("data.train", {"type": "string", "minLength": 1}),
-    "eval_data": ("data.eval", {"type": ["string", "null"]}),
-    "min_improvement": ("promotion.min_improvement", {"type": "number", "minimum": 0}),
-}
-
-
-def override_defaults(recipe: Recipe) -> dict[str, Any]:
-    """The current value of every overridable field (the UI form's defaults)."""
-    dumped = recipe.model_dump(mode="json")
-    out = {}
-    for name, (path, _) in OVERRIDES.items():
-        node: Any = dumped
-        for part in path.split("."):
-            node = node[part]
-        out[name] = node
-    return out
-
-
-def apply_overrides(recipe: Recipe, overrides: dict[str, Any], source: str = "<run conf>") -> Recipe:
-    """A new recipe with `overrides` applied and the whole schema checked again."""
-    unknown = sorted(set(overrides) - set(OVERRIDES))
-    if unknown:
-        raise RecipeError(source, [(f"params.{k}", "cannot be overridden at run time; allowed: "
-                                    + ", ".join(OVERRIDES)) for k in unknown])
-    data = recipe.model_dump(mode="json")
-    for name, value in overrides.items():
-        node = data
-        *parents, leaf = OVERRIDES[name][0].split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    # Relative override paths are taken from the current working directory of the task.
-    return parse_recipe(data, source, base_dir=Path.cwd())

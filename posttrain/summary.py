@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.paths import run_workspace
-from posttrain.recipe import Recipe, local_path
+from posttrain.recipe import Recipe
+from posttrain.uris import local_path
 
 
 def _read(path: Path) -> Any:

@@ -35,6 +35,8 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 # A consumer DAG must be unpaused for an asset event to queue a run of it.
 os.environ["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{TEST_HOME}/airflow/airflow.db"
+# The Ray job stages defer to the triggerer, as in the compose file (Airflow's default is not to).
+os.environ["AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE"] = "True"
 for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
                    "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                    "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -146,7 +148,8 @@ def task_states(dag_run: Any) -> dict[str, str]:
 
 def workspace_of(recipe_path: Path, dag_run: Any) -> Path:
     from posttrain.paths import run_workspace
-    from posttrain.recipe import load_recipe, local_path
+    from posttrain.recipe import load_recipe
+    from posttrain.uris import local_path
 
     recipe = load_recipe(recipe_path)
     return local_path(run_workspace(recipe.storage.root, recipe.name, dag_run.run_id))
@@ -194,7 +197,7 @@ def moto_server() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[dict[str, Any]]:
     """A local Ray head on 127.0.0.1 for one test module; afterwards not one of its processes is left."""
-    from posttrain.hooks.ray import LocalRayCluster
+    from posttrain.hooks.local_ray import LocalRayCluster
 
     info = LocalRayCluster.start(num_cpus=3)
     try:

@@ -54,10 +54,9 @@ def build_dag(recipe: Recipe, recipe_path: str | Path) -> DAG:
         validate = ValidateDataOperator(task_id="validate_data", workspace=ws, storage_conn_id=conn)
         prepare = PrepareDataOperator(task_id="prepare_data", workspace=ws, storage_conn_id=conn)
         cluster = RayClusterOperator(task_id="ray_cluster", workspace=ws, storage_conn_id=conn)
-        train = TrainOperator(task_id="train", workspace=ws, cluster=cluster.output, storage_conn_id=conn,
-                              deferrable=True)
-        evaluate = EvaluateOperator(task_id="evaluate", workspace=ws, cluster=cluster.output, storage_conn_id=conn,
-                                    deferrable=True)
+        # Deferrable or not per `operators.default_deferrable` (the compose file and `posttrain run` set it).
+        train = TrainOperator(task_id="train", workspace=ws, cluster=cluster.output, storage_conn_id=conn)
+        evaluate = EvaluateOperator(task_id="evaluate", workspace=ws, cluster=cluster.output, storage_conn_id=conn)
         promote = PromoteOperator(task_id="promote", workspace=ws, storage_conn_id=conn,
                                   outlets=[champion_asset(recipe)])
         teardown = RayClusterTeardownOperator(task_id="ray_cluster_teardown", workspace=ws, cluster=cluster.output,

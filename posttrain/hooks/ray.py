@@ -1,27 +1,20 @@
-"""Ray clusters and the Ray Jobs REST API.
+"""The Ray Jobs REST API and the waiting on it.
 
-`RayJobHook` talks HTTP to a cluster's dashboard (submit, status, logs, stop), so an Airflow
-worker needs no `ray` package to run a job on a remote cluster. `LocalRayCluster` starts and
-stops a Ray head on 127.0.0.1 for `compute.provider: local`.
+`RayJobHook` talks HTTP to a cluster's dashboard (submit, status, logs, stop, wait), so an Airflow
+worker needs no `ray` package to run a job on a remote cluster. `RayClusterRef` is where a run's
+cluster is, as its setup task reported it. The local Ray head lives in `posttrain.hooks.local_ray`.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from airflow.sdk import BaseHook
-
-from posttrain.paths import cache_env, posttrain_home
 
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 LOG_TAIL_LINES = 40
@@ -35,6 +28,27 @@ def job_outcome(job_id: str, job: dict, logs: str) -> dict[str, Any]:
 
 class RayJobError(RuntimeError):
     pass
+
+
+class RayJobTimeout(RayJobError):
+    pass
+
+
+class JobWatch:
+    """What one look at a job does, for the hook's blocking wait and the trigger's async loop alike:
+    hand each log line not seen before to `on_log`, and give the outcome once the job is over."""
+
+    def __init__(self, job_id: str, on_log: Callable[[str], None]):
+        self.job_id = job_id
+        self.on_log = on_log
+        self.seen = 0  # characters of the log already handed on
+
+    def update(self, job: dict, logs: str) -> dict[str, Any] | None:
+        """The job's outcome when it is in a terminal state, else None."""
+        for line in logs[self.seen:].splitlines():
+            self.on_log(line)
+        self.seen = len(logs)
+        return job_outcome(self.job_id, job, logs) if job.get("status") in TERMINAL_STATES else None
 
 
 class RayJobHook(BaseHook):
@@ -125,6 +139,21 @@ class RayJobHook(BaseHook):
                     raise RayJobError(f"the Ray Jobs API did not answer within {timeout:.0f}s: {exc}") from exc
                 time.sleep(1.0)
 
+    def wait_for_job(self, job_id: str, timeout: float, on_log: Callable[[str], None],
+                     poll_interval: float = 2.0) -> dict[str, Any]:
+        """Until the job is over, handing each new log line to `on_log`; returns `job_outcome(...)`.
+        A job still running after `timeout` seconds is stopped (nobody would be watching it)."""
+        deadline, watch = time.monotonic() + timeout, JobWatch(job_id, on_log)
+        while True:
+            job = self.get_job(job_id)
+            if job is None:
+                raise RayJobError(f"the Ray cluster has no job {job_id}")
+            if (outcome := watch.update(job, self.get_job_logs(job_id))) is not None:
+                return outcome
+            if time.monotonic() > deadline:
+                self.stop_job(job_id)
+                raise RayJobTimeout(f"Ray job {job_id} did not finish within {timeout:.0f}s; stopped it")
+            time.sleep(poll_interval)
 
     def alive_nodes(self) -> int:
         """Nodes the cluster reports alive (the dashboard's node summary)."""
@@ -149,128 +178,29 @@ class RayJobHook(BaseHook):
             time.sleep(2.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass(frozen=True)
+class RayClusterRef:
+    """Where a run's cluster is: built from the info the setup task returns, it is the one source of
+    the hook an operator calls and of the trigger it defers to."""
 
-
-class LocalRayCluster:
-    """A Ray head on 127.0.0.1 started with `ray start --head`, stopped by its own temp dir."""
-
-    # Unix socket paths may not exceed 107 bytes; Ray adds up to 65 under the temp dir
-    # ("/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store").
-    MAX_TEMP_DIR = 42
-
-    @staticmethod
-    def temp_dir(cluster_id: str) -> Path:
-        preferred = posttrain_home() / "ray" / cluster_id
-        if len(str(preferred)) <= LocalRayCluster.MAX_TEMP_DIR:
-            return preferred
-        # A deep checkout would overflow Ray's socket paths: fall back to a short per-user folder.
-        return Path(f"/tmp/posttrain-ray-{os.getuid()}") / cluster_id
+    dashboard_url: str | None = None
+    ray_conn_id: str = RayJobHook.default_conn_name
+    token_file: str | None = None
+    python: str = "python"  # the interpreter jobs run with on the cluster
 
     @classmethod
-    def start(cls, num_cpus: int, timeout: float = 120.0) -> dict[str, Any]:
-        cluster_id = uuid.uuid4().hex[:6]
-        temp_dir = cls.temp_dir(cluster_id)
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        # Token auth on, with a token of this cluster's own (not ~/.ray/auth_token).
-        token = secrets.token_hex(32)
-        token_file = temp_dir / "auth_token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(token)
-        gcs, dashboard = _free_port(), _free_port()
-        bin_dir = str(Path(sys.executable).parent)
-        env = {**os.environ, **{k: v for k, v in cache_env().items() if k not in os.environ}}
-        env.update({
-            # Jobs run `python` from the head's PATH: make it this interpreter's environment.
-            "PATH": bin_dir + os.pathsep + env.get("PATH", ""),
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "RAY_TMPDIR": str(temp_dir),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": token,
-            "MASTER_ADDR": "127.0.0.1",
-            "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo"),
-            "VLLM_HOST_IP": "127.0.0.1",
-            "VLLM_LOOPBACK_IP": "127.0.0.1",
-        })
-        cmd = [
-            str(Path(bin_dir) / "ray"), "start", "--head",
-            "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-            "--port", str(gcs), "--dashboard-port", str(dashboard),
-            "--dashboard-agent-listen-port", str(_free_port()),
-            "--dashboard-agent-grpc-port", str(_free_port()),
-            "--metrics-export-port", str(_free_port()),
-            "--runtime-env-agent-port", str(_free_port()),
-            "--ray-client-server-port", str(_free_port()),
-            "--num-cpus", str(num_cpus), "--num-gpus", "0",
-            "--temp-dir", str(temp_dir), "--disable-usage-stats", "--include-dashboard", "true",
-        ]
-        info = {"provider": "local", "cluster_id": cluster_id, "address": f"127.0.0.1:{gcs}",
-                "dashboard_url": f"http://127.0.0.1:{dashboard}", "temp_dir": str(temp_dir),
-                "python": sys.executable, "token_file": str(token_file)}
-        # Output goes to a file, not a pipe: the daemons `ray start` leaves behind inherit its
-        # stdout, and a pipe would stay open until they exit.
-        log_path = temp_dir / "ray-start.log"
-        try:
-            with log_path.open("w") as log:
-                code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = f"none: still starting after {timeout:.0f}s"
-        if code != 0:
-            output = log_path.read_text()[-3000:]
-            cls.stop(info)
-            raise RayJobError(f"`ray start --head` failed with exit code {code}:\n{output}")
-        try:
-            RayJobHook(address=info["dashboard_url"], token_file=info["token_file"]).wait_ready(timeout)
-        except RayJobError:
-            cls.stop(info)
-            raise
-        return info
+    def from_info(cls, info: dict[str, Any]) -> RayClusterRef:
+        return cls(dashboard_url=info.get("dashboard_url"),
+                   ray_conn_id=info.get("ray_conn_id", RayJobHook.default_conn_name),
+                   token_file=info.get("token_file"), python=info.get("python", "python"))
 
-    @staticmethod
-    def processes(info: dict[str, Any]) -> list:
-        """Every process of this head: those naming its temp dir or its GCS address (the Ray client
-        server names only the latter), and their children."""
-        import psutil
+    def hook(self) -> RayJobHook:
+        return RayJobHook(address=self.dashboard_url, ray_conn_id=self.ray_conn_id, token_file=self.token_file)
 
-        keys = [info["temp_dir"]] + ([f"={info['address']}"] if info.get("address") else [])
-        found: dict[int, psutil.Process] = {}
-        me = psutil.Process()
-        spared = {me.pid, *(p.pid for p in me.parents())}
-        for proc in psutil.process_iter(["cmdline"]):
-            if proc.pid in spared:
-                continue
-            try:
-                if any(key in part for part in proc.info["cmdline"] or () for key in keys):
-                    # Job drivers are children of Ray workers and don't name the temp dir.
-                    for p in [proc, *proc.children(recursive=True)]:
-                        if p.pid not in spared:
-                            found[p.pid] = p
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return list(found.values())
+    def trigger_kwargs(self) -> dict[str, Any]:
+        """RayJobTrigger's cluster arguments (the caller adds job_id and poll_interval)."""
+        return {"address": self.dashboard_url, "ray_conn_id": self.ray_conn_id, "token_file": self.token_file}
 
-    @classmethod
-    def stop(cls, info: dict[str, Any], grace: float = 5.0) -> int:
-        """Stop every process of this head (and only this one). Returns how many were running."""
-        import psutil
-
-        procs = cls.processes(info)
-        for proc in procs:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _gone, alive = psutil.wait_procs(procs, timeout=grace)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=grace)
-        shutil.rmtree(info["temp_dir"], ignore_errors=True)
-        return len(procs)
+    def job_url(self, job_id: str) -> str | None:
+        """The job's page on the dashboard, when the cluster's dashboard URL is known."""
+        return f"{self.dashboard_url.rstrip('/')}/#/jobs/{job_id}" if self.dashboard_url else None

@@ -9,7 +9,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from posttrain.hooks.storage import StorageHook
-from posttrain.recipe import Recipe, local_path
+from posttrain.recipe import Recipe
+from posttrain.uris import local_path
 
 
 class PosttrainOperator(BaseOperator):
@@ -32,7 +33,8 @@ class PosttrainOperator(BaseOperator):
         return Recipe.model_validate(self.storage.read_json(f"{self.workspace}/recipe.json"))
 
     def local_workspace(self) -> Path:
-        """Stages that run in this process on local files need a file:// workspace for now."""
+        """The workspace as a local folder, for stages that work on its files in this process (they
+        need a file:// workspace)."""
         if "://" in self.workspace and not self.workspace.startswith("file://"):
-            raise ValueError(f"{self.task_id} needs a file:// workspace for now, got {self.workspace}")
+            raise ValueError(f"{self.task_id} needs a file:// workspace, got {self.workspace}")
         return local_path(self.workspace)

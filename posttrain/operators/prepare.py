@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.operators.base import PosttrainOperator
+from posttrain.prep.prepare import prepare
 
 
 class PrepareDataOperator(PosttrainOperator):
     def execute(self, context: Any) -> dict[str, Any]:
-        from posttrain.training_lib.data.prepare import prepare
-
         manifest = prepare(self.load_recipe(), self.local_workspace(),
                            open_binary=lambda uri: self.storage.path(uri).open("rb"))
         keys = ("rows", "tokens", "blocks", "pairs", "prompts", "fill_ratio", "truncated", "dropped_overlong")

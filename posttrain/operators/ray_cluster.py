@@ -8,7 +8,6 @@ nothing else of the run survived).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from posttrain import instance_types
@@ -23,7 +22,8 @@ class RayClusterOperator(PosttrainOperator):
     operator_extra_links = (RayDashboardLink(),)
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from posttrain.hooks.ray import LocalRayCluster, RayJobHook
+        from posttrain.hooks.local_ray import LocalRayCluster
+        from posttrain.hooks.ray import RayJobHook
 
         compute = self.load_recipe().compute
         if compute.provider == "local":
@@ -44,36 +44,21 @@ class RayClusterOperator(PosttrainOperator):
         import secrets
 
         from posttrain.hooks.ec2 import TAG_CLUSTER, TAG_DAG, TAG_RUN, Ec2ClusterHook, cluster_id_for
-        from posttrain.hooks.ray import RayJobHook
 
         cfg = compute.ec2
         dag_id, run_id = context["ti"].dag_id, context["run_id"]
-        cluster_id = cluster_id_for(dag_id, run_id)
         # The token the nodes' Ray starts with: kept in the workspace, so a retry that finds the
         # cluster from an earlier try still speaks to it (and never in XCom, which the UI shows).
         token_file = self.local_workspace() / "ray-token"
         if not token_file.exists():
             token_file.write_text(secrets.token_urlsafe(32))
             token_file.chmod(0o600)
-        hook = Ec2ClusterHook(cfg.aws_conn_id, cfg.region)
-        labels = {TAG_CLUSTER: cluster_id, TAG_DAG: dag_id, TAG_RUN: run_id}
-        deadline = time.monotonic() + cfg.launch_timeout_s
-        try:
-            gpus_per_node = instance_types.gpus(cfg.worker_instance_type) if compute.gpus_per_worker else 0
-            info = hook.provision(cfg, labels, token_file.read_text(), gpus_per_node, deadline, self.log)
-            info["token_file"] = str(token_file)
-            # Running instances are not a cluster yet: wait for Ray on every node (never forever).
-            RayJobHook(address=info["dashboard_url"], token_file=str(token_file)).wait_nodes(
-                info["nodes"], max(1.0, deadline - time.monotonic()))
-        except BaseException:
-            # A failed setup skips its teardown task (Airflow runs teardowns only after a setup
-            # that succeeded): the last try terminates what was launched; an earlier one leaves
-            # it for the retry to reuse.
-            if context["ti"].try_number > self.retries:
-                self.log.error("setup failed on its last try: terminating cluster %s", cluster_id)
-                hook.terminate_cluster(cluster_id)
-            raise
-        return info
+        labels = {TAG_CLUSTER: cluster_id_for(dag_id, run_id), TAG_DAG: dag_id, TAG_RUN: run_id}
+        gpus_per_node = instance_types.gpus(cfg.worker_instance_type) if compute.gpus_per_worker else 0
+        # Only the last try cleans up: an earlier one leaves the instances for the retry to reuse.
+        return Ec2ClusterHook(cfg.aws_conn_id, cfg.region).provision_cluster(
+            cfg, labels, str(token_file), gpus_per_node, self.log,
+            terminate_on_failure=context["ti"].try_number > self.retries)
 
 
 class RayClusterTeardownOperator(PosttrainOperator):
@@ -95,7 +80,7 @@ class RayClusterTeardownOperator(PosttrainOperator):
         return self.storage.read_json(uri) if self.workspace and self.storage.exists(uri) else None
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from posttrain.hooks.ray import LocalRayCluster
+        from posttrain.hooks.local_ray import LocalRayCluster
 
         info = self._cluster_info()
         # EC2 clusters are found from the run, with or without what the setup task left behind.

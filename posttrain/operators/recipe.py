@@ -8,8 +8,10 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from posttrain.hooks.storage import StorageHook
+from posttrain.overrides import OVERRIDES, apply_overrides, override_defaults
 from posttrain.paths import run_workspace
-from posttrain.recipe import OVERRIDES, apply_overrides, load_recipe, override_defaults
+from posttrain.planning import check_plan
+from posttrain.recipe import load_recipe
 
 
 class ResolveRecipeOperator(BaseOperator):
@@ -32,8 +34,6 @@ class ResolveRecipeOperator(BaseOperator):
         resolved = apply_overrides(recipe, changed, source=f"{self.recipe_path} (run parameters)")
         # An impossible parallel plan or a model over the memory budget fails here, before a
         # cluster is started or anything is written (pure Python: reads the model's config.json).
-        from posttrain.training_lib.parallel.estimate import check_plan
-
         plan = check_plan(resolved, source=self.recipe_path)
         if plan is not None:
             self.log.info("plan: %s on %d workers (tp %d), about %.3f GiB per device", plan["strategy"],

@@ -17,7 +17,7 @@ def get_provider_info() -> dict[str, Any]:
         "connection-types": [
             {"connection-type": "ray", "hook-class-name": "posttrain.hooks.ray.RayJobHook"},
         ],
-        "hooks": [{"integration-name": "Ray", "python-modules": ["posttrain.hooks.ray"]}],
+        "hooks": [{"integration-name": "Ray", "python-modules": ["posttrain.hooks.ray", "posttrain.hooks.local_ray"]}],
         "operators": [{"integration-name": "posttrain", "python-modules": [
             "posttrain.operators.recipe", "posttrain.operators.validate", "posttrain.operators.prepare",
             "posttrain.operators.ray_cluster", "posttrain.operators.train", "posttrain.operators.evaluate",

@@ -7,19 +7,20 @@ stages produced, so a stage needs nothing else. Never imports airflow.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
-from posttrain.recipe import Recipe, local_path
+from posttrain.recipe import Recipe
+from posttrain.uris import local_path
 
 STAGES = ("train", "evaluate")
 
 
 def load_workspace(uri: str) -> tuple[Recipe, Path]:
     if not uri.startswith("file://") and "://" in uri:
-        raise SystemExit(f"workspace {uri}: Ray jobs need a file:// workspace for now (object-store "
-                         "workspaces arrive with the EC2 provider)")
+        raise SystemExit(f"workspace {uri}: Ray jobs need a file:// workspace")
     workspace = local_path(uri)
     recipe_file = workspace / "recipe.json"
     if not recipe_file.exists():
@@ -33,10 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace", required=True, help="the run workspace URI (file://...)")
     args = parser.parse_args(argv)
     recipe, workspace = load_workspace(args.workspace)
+    # Dispatch: a stage imports only what it runs (here, not at the top); one trainer module per
+    # paradigm (trainers/sft.py, trainers/dpo.py, …), each with run().
     if args.stage == "train":
-        import importlib
-
-        # One trainer module per paradigm (trainers/sft.py, trainers/dpo.py, …), each with run().
         trainer = importlib.import_module(f"posttrain.training_lib.trainers.{recipe.paradigm}")
         result = trainer.run(recipe, workspace)
     else:

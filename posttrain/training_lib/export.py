@@ -3,14 +3,18 @@ serving. The full state dict is gathered from the shards to rank 0 only."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.recipe import Recipe, model_location
+from posttrain.recipe import Recipe
 from posttrain.training_lib.models.loading import apply_lora, pad_vocab
 from posttrain.training_lib.models.with_loss import CausalLMWithLoss
+from posttrain.uris import model_location
 
 
 def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> Path | None:
@@ -20,8 +24,6 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
     if rank != 0:
         return None
     full = {k.removeprefix(CausalLMWithLoss.PREFIX): v for k, v in full.items()}
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     config = AutoConfig.from_pretrained(model_location(recipe.model.base))
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     pad_vocab(fresh, recipe.model.pad_vocab_to_multiple_of)
@@ -40,8 +42,6 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
 
 def _save_atomic(model: torch.nn.Module, tokenizer: object, target: Path) -> Path:
     """Write into `<target>.tmp` and rename: a folder with the final name is always complete."""
-    import shutil
-
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -54,9 +54,6 @@ def _save_atomic(model: torch.nn.Module, tokenizer: object, target: Path) -> Pat
 def merged_from_adapter(recipe: Recipe, adapter_dir: Path, target: Path) -> Path:
     """Base + adapter merged into `target` (Hugging Face format with the tokenizer): what vLLM and
     the eval loss load when the export kept only the adapter."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     base = AutoModelForCausalLM.from_pretrained(model_location(recipe.model.base), dtype=torch.float32)
     pad_vocab(base, recipe.model.pad_vocab_to_multiple_of)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -1,6 +1,6 @@
 """Training FLOPs per token of a Llama-family model, the device's peak, and MFU.
 
-Pure Python (torch only inside `device_peak_flops`). Per token of a packed block of `seq_len`:
+Per token of a packed block of `seq_len`:
 - forward: 2 × every linear weight (the block projections and lm_head; LoRA adapters A and B
   where LoRA targets them) plus the two attention matmuls (Q·Kᵀ and P·V), 2 × heads × head_dim ×
   context each per layer. Causal attention counts the keys a query sees, (seq_len + 1) / 2 on
@@ -23,8 +23,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
+from posttrain.planning import ModelShape
 from posttrain.recipe import LoraConfig
-from posttrain.training_lib.parallel.estimate import ModelShape
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,6 @@ def device_peak_flops(device: str, dtype: str, override_tflops: float | None = N
         return override_tflops * 1e12
     if device != "cuda":
         return None
-    import torch
-
     tf32 = torch.get_float32_matmul_precision() != "highest"
     peak = peak_tflops(torch.cuda.get_device_name(), dtype, tf32)
     return peak * 1e12 if peak is not None else None

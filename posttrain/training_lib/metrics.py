@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from posttrain.planning import model_shape
 from posttrain.recipe import Recipe
 from posttrain.training_lib.flops import device_peak_flops, mfu, training_flops
-from posttrain.training_lib.parallel.estimate import model_shape
 from posttrain.training_lib.tracking import MlflowRun, flatten, tracking_uri
 
 
@@ -28,8 +30,7 @@ class GpuStats:
         self.nvml: Any = None
         self.handle: Any = None
         try:
-            import pynvml
-            import torch
+            import pynvml  # optional (nvidia-ml-py, GPU images only): imported where its absence is handled
 
             pynvml.nvmlInit()
             # NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES (which Ray sets): find ours by UUID.
@@ -91,8 +92,6 @@ class StepLogger:
         if not self.enabled:
             return record
         if self.device == "cuda":
-            import torch
-
             record["peak_gpu_alloc_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         record.update(self.gpu.read() if self.gpu else {})
         with self.path.open("a") as fh:

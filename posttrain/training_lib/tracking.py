@@ -2,7 +2,8 @@
 
 Tracking is a side channel: the first MLflow error prints one warning and turns tracking off for
 the job, so a bad URI or a tracking server that is down never stops training (metrics.jsonl in the
-workspace is still written). mlflow is imported only here, and only when a run starts.
+workspace is still written). mlflow is imported only here, and only when a run starts: inside the
+guard, so a broken install turns tracking off too instead of failing the job at import.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from posttrain.recipe import Recipe, local_path
+from posttrain.recipe import Recipe
+from posttrain.uris import local_path
 
 MAX_PARAM_CHARS = 500  # what every MLflow server accepts (newer ones take 6000)
 
@@ -66,7 +68,7 @@ class MlflowRun:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # here, not at the top: see the module doc
 
         client = MlflowClient(self.uri)
         previous = json.loads(run_file.read_text()) if run_file.exists() else {}
@@ -92,7 +94,7 @@ class MlflowRun:
     def log_params(self, params: dict[str, str]) -> None:
         if not self.active:
             return
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # mlflow: see the module doc
 
         # A resumed run already has its params, and MLflow refuses to change one (a retry may have
         # raised max_steps): log only the new ones, and say which changed.
@@ -110,7 +112,7 @@ class MlflowRun:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow: see the module doc
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]

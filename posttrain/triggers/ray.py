@@ -12,7 +12,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from posttrain.hooks.ray import TERMINAL_STATES, RayJobHook, job_outcome
+from posttrain.hooks.ray import JobWatch, RayJobHook
 
 
 class RayJobTrigger(BaseTrigger):
@@ -32,17 +32,14 @@ class RayJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = RayJobHook(address=self.address, ray_conn_id=self.ray_conn_id, token_file=self.token_file)
-        seen = 0  # characters of the log already emitted
+        watch = JobWatch(self.job_id, lambda line: self.log.info("[ray job %s] %s", self.job_id, line))
         while True:
             try:
                 job, logs = await hook.async_job_and_logs(self.job_id)
             except Exception as exc:  # the cluster went away: report, don't poll forever
                 yield TriggerEvent({"status": "ERROR", "job_id": self.job_id, "message": str(exc), "log_tail": ""})
                 return
-            for line in logs[seen:].splitlines():
-                self.log.info("[ray job %s] %s", self.job_id, line)
-            seen = len(logs)
-            if job.get("status") in TERMINAL_STATES:
-                yield TriggerEvent(job_outcome(self.job_id, job, logs))
+            if (outcome := watch.update(job, logs)) is not None:
+                yield TriggerEvent(outcome)
                 return
             await asyncio.sleep(self.poll_interval)

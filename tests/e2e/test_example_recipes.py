@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.recipe import load_recipe, local_path
+from posttrain.recipe import load_recipe
+from posttrain.uris import local_path
 from tests.conftest import REPO, run_recipe, task_states, workspace_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]

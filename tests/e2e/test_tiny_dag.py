@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.hooks.ray import LocalRayCluster
-from posttrain.recipe import load_recipe, local_path
+from posttrain.hooks.local_ray import LocalRayCluster
+from posttrain.recipe import load_recipe
+from posttrain.uris import local_path
 from tests.conftest import run_recipe, task_states, workspace_of, write_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]

@@ -12,8 +12,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_packed_loss_matches_on_cuda(tiny_model) -> None:
     from transformers import AutoModelForCausalLM
 
-    from posttrain.training_lib.data.packing import pack, shifted_labels
-    from posttrain.training_lib.losses.cross_entropy import packed_forward, summed_cross_entropy
+    from posttrain.prep.packing import pack, shifted_labels
+    from posttrain.training_lib.losses.cross_entropy import summed_cross_entropy
+    from posttrain.training_lib.models.attention import packed_forward
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda().eval()
     g = torch.Generator().manual_seed(0)

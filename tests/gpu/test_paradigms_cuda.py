@@ -31,11 +31,11 @@ def _pairs() -> list:
 def paradigm_outputs(rank: int, world: int, recipe_json: str, device: str) -> dict:
     from posttrain.training_lib.data.pairs import collate_pairs
     from posttrain.training_lib.losses.grpo import grpo_loss
+    from posttrain.training_lib.losses.logprobs import pair_logprobs
     from posttrain.training_lib.models.with_loss import base_model
     from posttrain.training_lib.parallel.parallelize import build_frozen_model, build_parallel_model, make_mesh
     from posttrain.training_lib.parallel.plan import make_plan
     from posttrain.training_lib.rl.policy import collate_rollouts
-    from posttrain.training_lib.trainers.dpo import pair_logprobs
 
     recipe = Recipe.model_validate_json(recipe_json)
     plan = make_plan(recipe, world, device)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from posttrain.hooks.ray import RayJobHook
+from posttrain.prep.prepare import prepare
+from posttrain.prep.tokenizer import TokenizerMismatch
 from posttrain.recipe import load_recipe
-from posttrain.training_lib.data.prepare import prepare
-from posttrain.training_lib.data.tokenizer import TokenizerMismatch
 from tests.conftest import write_recipe
 from tests.integration.test_training_job import new_workspace, submit, wait
 

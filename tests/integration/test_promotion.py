@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.operators.promote import decide
-from posttrain.recipe import load_recipe, local_path
+from posttrain.recipe import load_recipe
+from posttrain.uris import local_path
 from tests.conftest import SAMPLE_DATA, run_dag_file, task_states, workspace_of, write_recipe
 
 

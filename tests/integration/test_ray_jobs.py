@@ -10,7 +10,8 @@ from typing import Any
 import psutil
 import pytest
 
-from posttrain.hooks.ray import LocalRayCluster, RayJobHook
+from posttrain.hooks.local_ray import LocalRayCluster
+from posttrain.hooks.ray import RayJobHook
 from posttrain.triggers.ray import RayJobTrigger
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.hooks.ray import LocalRayCluster
+from posttrain.hooks.local_ray import LocalRayCluster
 from tests.conftest import run_dag_file, run_recipe, task_states, workspace_of, write_recipe
 
 

@@ -13,9 +13,10 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from posttrain.hooks.ray import TERMINAL_STATES, LocalRayCluster, RayJobHook
+from posttrain.hooks.local_ray import LocalRayCluster
+from posttrain.hooks.ray import TERMINAL_STATES, RayJobHook
+from posttrain.prep.prepare import prepare
 from posttrain.recipe import load_recipe
-from posttrain.training_lib.data.prepare import prepare
 from tests.conftest import write_recipe
 
 ENTRY = "{python} -m posttrain.training_lib.entrypoint train --workspace file://{ws}"

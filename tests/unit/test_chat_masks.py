@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from posttrain.training_lib.data.chat import TemplateError, prompt_and_reference, tokenize_chat
+from posttrain.prep.chat import TemplateError, prompt_and_reference, tokenize_chat
 from tests.conftest import SAMPLE_DATA
 from tests.fixtures.chat_templates import REWRITES_HISTORY, WORKING, tokenizer_for
 

@@ -32,9 +32,9 @@ def test_same_loss_and_gradients_as_the_naive_path(chunk: int, weight_grad: bool
 def test_model_with_chunked_loss_matches_logits_loss_and_gradients(tiny_model) -> None:
     from transformers import AutoModelForCausalLM
 
-    from posttrain.training_lib.data.packing import pack
-    from posttrain.training_lib.losses.cross_entropy import packed_forward, summed_cross_entropy
-    from posttrain.training_lib.models.attention import register
+    from posttrain.prep.packing import pack
+    from posttrain.training_lib.losses.cross_entropy import summed_cross_entropy
+    from posttrain.training_lib.models.attention import packed_forward, register
     from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
     register()

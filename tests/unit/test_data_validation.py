@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.recipe import load_recipe, local_path
+from posttrain.recipe import load_recipe
+from posttrain.uris import local_path
 from posttrain.validation.report import summary
 from posttrain.validation.run import validate_recipe_data
 from tests.conftest import SAMPLE_DATA, write_recipe

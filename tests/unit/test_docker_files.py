@@ -234,7 +234,7 @@ def test_airflow_side_modules_import_without_the_gpu_stack() -> None:
 
 
 def test_prepare_data_imports_without_the_gpu_stack() -> None:
-    result = import_without_gpu_stack(["posttrain.training_lib.data.prepare"])
+    result = import_without_gpu_stack(["posttrain.prep.prepare"])
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from posttrain.planning import ModelShape, lora_params
 from posttrain.recipe import LoraConfig
 from posttrain.training_lib.flops import device_peak_flops, mfu, peak_tflops, training_flops
-from posttrain.training_lib.parallel.estimate import ModelShape, lora_params
 
 BATCH, SEQ = 2, 32
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from posttrain.prep.formats import prepare_preference, prepare_prompts
 from posttrain.recipe import DataValidationConfig, load_recipe
-from posttrain.training_lib.data.formats import prepare_preference, prepare_prompts
 from posttrain.validation.frames import build_frames
 from posttrain.validation.suites import run_suite
 from tests.conftest import write_recipe
@@ -73,7 +73,7 @@ def test_prompt_layout_ends_with_the_generation_prompt(tokenizer, tmp_path: Path
 
 
 def test_too_many_overlong_rows_fail_prepare_with_numbers(tmp_path: Path) -> None:
-    from posttrain.training_lib.data.prepare import OverlongData, prepare
+    from posttrain.prep.prepare import OverlongData, prepare
 
     recipe = load_recipe(write_recipe(tmp_path, data={"max_seq_len": 64,
                                                       "validation": {"min_rows": 1, "max_overlong_fraction": 0.05}}))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from posttrain.prep.tokenizer import TokenizerMismatch, require_same_tokenizer, tokenizer_fingerprint
 from posttrain.training_lib.data.loader import PackedLoader
-from posttrain.training_lib.data.tokenizer import TokenizerMismatch, require_same_tokenizer, tokenizer_fingerprint
 
 
 def blocks(n: int) -> dict[str, torch.Tensor]:

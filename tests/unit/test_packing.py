@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from posttrain.training_lib.data.packing import IGNORE, best_fit_decreasing, pack, shifted_labels
+from posttrain.prep.packing import IGNORE, best_fit_decreasing, pack, shifted_labels
 
 
 def test_best_fit_decreasing_places_every_item_once_within_capacity() -> None:
@@ -47,8 +47,8 @@ def test_packed_loss_equals_documents_run_one_by_one(tiny_model, backend: str) -
     transformers' block-diagonal SDPA mask."""
     from transformers import AutoModelForCausalLM
 
-    from posttrain.training_lib.losses.cross_entropy import packed_forward, summed_cross_entropy
-    from posttrain.training_lib.models.attention import register
+    from posttrain.training_lib.losses.cross_entropy import summed_cross_entropy
+    from posttrain.training_lib.models.attention import packed_forward, register
 
     register()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=backend).eval()
@@ -74,8 +74,7 @@ def test_backend_that_cannot_isolate_documents_is_an_error(tiny_model) -> None:
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.masking_utils import AttentionMaskInterface
 
-    from posttrain.training_lib.losses.cross_entropy import packed_forward
-    from posttrain.training_lib.models.attention import DocumentMaskError, document_attention
+    from posttrain.training_lib.models.attention import DocumentMaskError, document_attention, packed_forward
 
     # Same kernel under another name: nothing vouches that it respects document boundaries.
     AttentionInterface.register("unvetted", document_attention)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.planning import ModelShape, check_plan, lora_params, model_shape, plan_report
 from posttrain.recipe import RecipeError, load_recipe
-from posttrain.training_lib.parallel.estimate import ModelShape, check_plan, lora_params, model_shape, plan_report
 from tests.conftest import write_recipe
 
 
@@ -81,8 +81,7 @@ def test_impossible_parallel_settings_are_refused_by_the_schema(tmp_path: Path, 
 
 def test_auto_activation_checkpointing_turns_on_only_when_the_step_would_not_fit(tmp_path: Path,
                                                                                tiny_model: Path) -> None:
-    from posttrain.training_lib.parallel.estimate import estimate
-    from posttrain.training_lib.parallel.plan import choose_plan
+    from posttrain.planning import choose_plan, estimate
 
     recipe = load_recipe(write_recipe(tmp_path, data={"max_seq_len": 2048}, training={"max_steps": 4,
                                                                                       "micro_batch_size": 8}))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.recipe import RecipeError, apply_overrides, load_recipe, override_defaults
+from posttrain.overrides import apply_overrides, override_defaults
+from posttrain.recipe import RecipeError, load_recipe
 from tests.conftest import REPO, write_recipe
 
 

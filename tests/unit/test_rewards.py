@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.training_lib.rl.rewards import (
+from posttrain.rewards import (
     BUILTINS,
     RewardError,
     RewardSpec,
@@ -136,7 +136,7 @@ def test_score_refuses_mismatched_inputs() -> None:
 
 def test_checking_and_scoring_import_no_torch() -> None:
     code = ("import sys\n"
-            "from posttrain.training_lib.rl.rewards import RewardSpec, check_reward_spec, score\n"
+            "from posttrain.rewards import RewardSpec, check_reward_spec, score\n"
             "check_reward_spec('regex', {'pattern': 'a+'})\n"
             f"check_reward_spec('{USER}:bonus', {{'amount': 2.0}})\n"
             "score([RewardSpec('exact_match')], ['4'], [[{'role': 'user', 'content': 'q'}]], ['4'])\n"

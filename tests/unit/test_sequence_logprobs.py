@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.training_lib.data.packing import IGNORE
+from posttrain.prep.packing import IGNORE
 from posttrain.training_lib.data.pairs import collate_pairs
 from posttrain.training_lib.losses.logprobs import sequence_ids, sequence_logprobs, token_logprobs
 

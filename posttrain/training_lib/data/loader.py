@@ -13,7 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
+
+from posttrain.recipe import Recipe
+from posttrain.training_lib.data.streaming import StreamingLoader, StreamingPacker
+from posttrain.training_lib.seeding import derive_seed
 
 
 def read_manifest(workspace: Path) -> dict:
@@ -22,8 +27,6 @@ def read_manifest(workspace: Path) -> dict:
 
 
 def split_tables(workspace: Path, split: str) -> list:
-    import pyarrow.parquet as pq
-
     return [pq.read_table(workspace / shard) for shard in read_manifest(workspace)["splits"][split]["shards"]]
 
 
@@ -72,7 +75,7 @@ class PackedLoader:
 
     @functools.lru_cache(maxsize=1)  # noqa: B019 - one epoch's order, reused by all its batches
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         order = torch.randperm(self.num_blocks, generator=g)
         need = self.batches_per_epoch * self.world_size * self.mbs
         if need > self.num_blocks:
@@ -92,3 +95,17 @@ class PackedLoader:
         idx = self._epoch_indices(self.state.epoch)[self.state.batch]
         self.state.batch += 1
         return {k: v[idx] for k, v in self.blocks.items()}
+
+
+def make_loader(recipe: Recipe, workspace: Path, rank: int, world: int) -> tuple[PackedLoader | StreamingLoader, int]:
+    """This rank's micro-batches of the prepared train split: offline-packed blocks, or blocks packed
+    on the fly from the document stream. Returns (loader, blocks per epoch over all ranks)."""
+    t, packing = recipe.training, recipe.data.packing
+    manifest = read_manifest(workspace)
+    if packing.mode == "streaming":
+        ids, trains = read_documents(workspace, "train")
+        packer = StreamingPacker(ids, trains, recipe.data.max_seq_len, manifest["tokenizer"]["block_pad_id"],
+                                 t.seed, rank, world, packing.buffer_docs)
+        return StreamingLoader(packer, t.micro_batch_size), manifest["splits"]["train"]["blocks"]
+    loader = PackedLoader(read_blocks(workspace, "train"), rank, world, t.micro_batch_size, t.seed)
+    return loader, loader.num_blocks

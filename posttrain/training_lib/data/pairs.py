@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.prep.packing import IGNORE, shifted_labels
 from posttrain.training_lib.data.loader import PackedLoader, split_tables
-from posttrain.training_lib.data.packing import IGNORE, shifted_labels
 
 Pair = tuple[list[int], list[bool], list[int], list[bool]]  # chosen ids, mask, rejected ids, mask
 

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from posttrain.training_lib.data.packing import Block, pack
+from posttrain.prep.packing import Block, pack
+from posttrain.training_lib.seeding import derive_seed
 
 
 class StreamingPacker:
@@ -33,7 +34,7 @@ class StreamingPacker:
         self._next_start = 0
 
     def _rank_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         return torch.randperm(len(self.input_ids), generator=g)[self.rank::self.world_size].tolist()
 
     def _fill(self) -> None:

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import torch
 
-from posttrain.recipe import Recipe, model_location
+from posttrain.prep.packing import IGNORE
+from posttrain.recipe import Recipe
+from posttrain.training_lib.data.loader import read_blocks
+from posttrain.training_lib.losses.distill import distill_loss
+from posttrain.training_lib.models.loading import load_for_eval
+from posttrain.uris import model_location
 
 
 @torch.no_grad()
 def divergence_to_teacher(recipe: Recipe, model_dir: Path, workspace: Path, batch_size: int = 4) -> dict:
-    from posttrain.training_lib.data.loader import read_blocks
-    from posttrain.training_lib.losses.distill import distill_loss
-    from posttrain.training_lib.models.loading import load_for_eval
-
     kd = recipe.kd
     student, teacher = load_for_eval(model_dir), load_for_eval(model_location(kd.teacher))
     blocks = read_blocks(workspace, "eval")
@@ -27,5 +28,5 @@ def divergence_to_teacher(recipe: Recipe, model_dir: Path, workspace: Path, batc
         ht = teacher.model(**inputs).last_hidden_state
         total += float(distill_loss(hs, student.lm_head.weight, ht, teacher.lm_head.weight, batch["labels"],
                                     kd.divergence, kd.temperature))
-        count += int((batch["labels"] != -100).sum())
+        count += int((batch["labels"] != IGNORE).sum())
     return {"kl_to_teacher": total / max(count, 1)}

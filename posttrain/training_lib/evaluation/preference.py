@@ -10,17 +10,16 @@ from pathlib import Path
 import torch
 
 from posttrain.recipe import Recipe
+from posttrain.training_lib.data.loader import read_manifest
+from posttrain.training_lib.data.pairs import collate_pairs, read_pairs
+from posttrain.training_lib.losses.logprobs import pair_logprobs
+from posttrain.training_lib.losses.preference import preference_loss
+from posttrain.training_lib.models.loading import load_for_eval, load_for_training
+from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
 
 @torch.no_grad()
 def preference_metrics(recipe: Recipe, model_dir: Path, workspace: Path, pairs_per_batch: int = 8) -> dict:
-    from posttrain.training_lib.data.loader import read_manifest
-    from posttrain.training_lib.data.pairs import collate_pairs, read_pairs
-    from posttrain.training_lib.losses.preference import preference_loss
-    from posttrain.training_lib.models.loading import load_for_eval, load_for_training
-    from posttrain.training_lib.models.with_loss import CausalLMWithLoss
-    from posttrain.training_lib.trainers.dpo import pair_logprobs
-
     dpo = recipe.dpo
     policy = CausalLMWithLoss(load_for_eval(model_dir)).eval()
     reference = CausalLMWithLoss(load_for_training(recipe.model_copy(update={"model": recipe.model.model_copy(

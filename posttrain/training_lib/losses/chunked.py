@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.training_lib.data.packing import IGNORE
+from posttrain.prep.packing import IGNORE
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from posttrain.training_lib.data.packing import IGNORE
+from posttrain.prep.packing import IGNORE
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 

@@ -1,5 +1,6 @@
 """Log-probabilities of the label tokens from final hidden states, a chunk of positions at a time,
-and their sums per packed sequence (what DPO compares and RL weighs).
+their sums per packed sequence (what DPO compares and RL weighs), and those of packed preference
+pairs.
 
 Each chunk projects its hidden states to [chunk × vocab] logits, takes the log-softmax at the label
 and drops the logits; the chunk runs under activation checkpointing, so backward recomputes them
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from posttrain.training_lib.data.packing import IGNORE
+from posttrain.prep.packing import IGNORE
 
 
 def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -55,3 +56,16 @@ def sequence_logprobs(token_logps: torch.Tensor, position_ids: torch.Tensor, num
     ids = sequence_ids(position_ids).reshape(-1)
     out = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
     return out.index_add(0, ids, token_logps.reshape(-1))
+
+
+def pair_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_sequences: int, pairs: int,
+                  normalize: bool = False) -> torch.Tensor:
+    """[pairs, 2] summed log-probs of the (chosen, rejected) completions of a packed pair batch
+    (data/pairs.py's layout) under `model` (a CausalLMWithLoss); `normalize`: divided by each
+    completion's token count (IPO's length-normalized form)."""
+    token_logps = model(**batch, output="token_logprobs")
+    sums = sequence_logprobs(token_logps, batch["position_ids"], num_sequences)[: 2 * pairs].view(pairs, 2)
+    if not normalize:
+        return sums
+    counts = sequence_logprobs((batch["labels"] != IGNORE).to(sums.dtype), batch["position_ids"], num_sequences)
+    return sums / counts[: 2 * pairs].view(pairs, 2).clamp(min=1)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 NAME = "posttrain_docs"
 # Backends known to keep documents apart when given restarting position_ids and no mask:
@@ -59,9 +61,6 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
 
 
 def register() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(NAME, document_attention)
     AttentionMaskInterface.register(NAME, _no_mask)
     return NAME
@@ -73,3 +72,11 @@ def check_isolates_documents(model: torch.nn.Module) -> None:
     if impl not in ISOLATING:
         raise DocumentMaskError(f"attention backend {impl!r} cannot keep packed documents apart; use one of "
                                 + ", ".join(sorted(ISOLATING)))
+
+
+def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of packed blocks. No attention_mask on purpose: the documents are found from the
+    restarting position_ids (per-document attention, or the block-diagonal mask transformers builds),
+    so they never see each other; a backend that can't do that is refused."""
+    check_isolates_documents(model)
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits

@@ -11,16 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from posttrain.recipe import Recipe, local_path, model_location
+from posttrain.recipe import Recipe
+from posttrain.training_lib.models.attention import register
+from posttrain.uris import local_path, model_location
 
 
 def model_dir(uri: str) -> Path:
     """The local folder with the model's safetensors (hf:// names resolve through the HF cache,
     which holds the files in production images; nothing is fetched when HF_HUB_OFFLINE is set)."""
     if uri.startswith("hf://"):
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(uri.removeprefix("hf://"), allow_patterns=["*.json", "*.safetensors"]))
     return local_path(uri)
 
@@ -35,8 +39,6 @@ def pad_vocab(model: torch.nn.Module, multiple: int) -> None:
 
 
 def apply_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
     lora = recipe.model.lora
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
@@ -45,18 +47,10 @@ def apply_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
 
 def load_for_eval(location: str | Path, dtype: torch.dtype = torch.float32) -> Any:
     """A saved model as the evaluation scores it: our per-document attention, eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from posttrain.training_lib.models.attention import register
-
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=register()).eval()
 
 
 def load_for_training(recipe: Recipe, dtype: torch.dtype = torch.float32) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    from posttrain.training_lib.models.attention import register
-
     model = AutoModelForCausalLM.from_pretrained(model_location(recipe.model.base), dtype=dtype,
                                                  attn_implementation=register())
     pad_vocab(model, recipe.model.pad_vocab_to_multiple_of)
@@ -75,10 +69,6 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def padded_config(recipe: Recipe, attention: str | None = None) -> Any:
     """The base model's config with the vocabulary padded to the recipe's multiple, and the
     attention backend (default: ours, per-document SDPA)."""
-    from transformers import AutoConfig
-
-    from posttrain.training_lib.models.attention import register
-
     config = AutoConfig.from_pretrained(model_location(recipe.model.base))
     multiple = recipe.model.pad_vocab_to_multiple_of
     config.vocab_size = -(-config.vocab_size // multiple) * multiple
@@ -91,9 +81,6 @@ def build_on_meta(recipe: Recipe, dtype: torch.dtype = torch.float32, attention:
     """The model (with LoRA adapters if the recipe has them) with every parameter on the meta
     device: no memory until each rank materializes its own shard. Buffers (rotary frequencies)
     are computed for real; they are tiny."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(padded_config(recipe, attention), dtype=dtype)
         if recipe.model.lora is not None:

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from posttrain.training_lib.seeding import derive_seed
 
 # Prefixes and infixes that wrappers add to parameter names; none of them is in the HF checkpoint.
 _WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -62,8 +65,6 @@ def safetensors_index(model_dir: Path) -> dict[str, Path]:
     single = model_dir / "model.safetensors"
     if not single.exists():
         raise ShardLoadError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
-
     with safe_open(str(single), framework="pt") as fh:
         return {k: single for k in fh.keys()}
 
@@ -82,7 +83,7 @@ def _seeded_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     if ".lora_B." in name or "lora_embedding_B" in name:
         return torch.zeros(shape)
     if ".lora_A." in name or "lora_embedding_A" in name:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        gen = torch.Generator().manual_seed(derive_seed(seed, zlib.crc32(name.encode())))
         bound = 1.0 / math.sqrt(shape[-1])
         return (torch.rand(shape, generator=gen) * 2 - 1) * bound
     raise ShardLoadError(f"parameter {name!r} is neither in the checkpoint nor an adapter; "
@@ -91,8 +92,6 @@ def _seeded_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def load_shards(model: torch.nn.Module, model_dir: Path, seed: int) -> LoadReport:
     """Fill every parameter's local shard in place from the checkpoint (after `to_empty`)."""
-    from safetensors import safe_open
-
     index = safetensors_index(model_dir)
     report = LoadReport()
     with torch.no_grad():

@@ -12,6 +12,12 @@ import tempfile
 from pathlib import Path
 
 from posttrain import samples
+from posttrain.prep.chat import tokenize_chat
+from posttrain.prep.packing import IGNORE, pack
+from posttrain.prep.prepare import block_pad_id, read_jsonl
+
+# torch, tokenizers and transformers (and the torch modules of this package) are imported inside the
+# functions: the `posttrain tiny-model` CLI imports this module and must stay light.
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -97,9 +103,6 @@ def build_tiny_teacher(out_dir: str | Path, base: str | Path, chat_jsonl: str | 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.training_lib.data.chat import tokenize_chat
-    from posttrain.training_lib.data.packing import pack
-    from posttrain.training_lib.data.prepare import block_pad_id, read_jsonl
     from posttrain.training_lib.models.attention import register
     from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
@@ -117,7 +120,7 @@ def build_tiny_teacher(out_dir: str | Path, base: str | Path, chat_jsonl: str | 
     for step in range(steps):
         picked = [blocks[(step * 4 + i) % len(blocks)] for i in range(4)]
         batch = {k: torch.tensor([getattr(b, k) for b in picked]) for k in ("input_ids", "labels", "position_ids")}
-        loss = model(**batch) / int((batch["labels"] != -100).sum())
+        loss = model(**batch) / int((batch["labels"] != IGNORE).sum())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

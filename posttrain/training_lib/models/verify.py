@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.prep.packing import IGNORE
+
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
@@ -23,7 +25,7 @@ def random_batch(vocab: int, batch: int = 2, seq_len: int = 64, seed: int = 0) -
     split = seq_len // 3
     position_ids = torch.cat([torch.arange(split), torch.arange(seq_len - split)]).expand(batch, -1).contiguous()
     labels = input_ids.roll(-1, dims=1)
-    labels[:, :4] = -100  # a masked prompt
+    labels[:, :4] = IGNORE  # a masked prompt
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 

@@ -18,11 +18,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
+from posttrain.planning import Plan
 from posttrain.recipe import Recipe
 from posttrain.training_lib.models.loading import build_on_meta, decoder_layers, model_dir
 from posttrain.training_lib.models.sharded_load import LoadReport, materialize
 from posttrain.training_lib.models.with_loss import CausalLMWithLoss
-from posttrain.training_lib.parallel.plan import Plan
+from posttrain.training_lib.parallel.plan import param_dtype
 
 # Megatron-style split of a Llama block: column-parallel into the heads / MLP features, row-parallel
 # back out (one all-reduce per attention and per MLP). Inputs and outputs of the block stay
@@ -55,7 +56,7 @@ def _apply_compile(layers: torch.nn.ModuleList) -> None:
 
 
 def _apply_fsdp(model: torch.nn.Module, layers: torch.nn.ModuleList, dp_mesh: DeviceMesh, plan: Plan) -> None:
-    mp = MixedPrecisionPolicy(param_dtype=plan.torch_param_dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype(plan), reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
@@ -102,7 +103,7 @@ def build_frozen_model(recipe: Recipe, plan: Plan, mesh: DeviceMesh, base: str) 
     if plan.tensor_parallel > 1:
         _apply_tp(layers, mesh["tp"])
     if plan.strategy in ("fsdp", "fsdp_tp"):
-        mp = MixedPrecisionPolicy(param_dtype=plan.torch_param_dtype, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype(plan), reduce_dtype=torch.float32)
         for layer in layers:
             fully_shard(layer, mesh=mesh["dp"], mp_policy=mp)
     report = materialize(model, plan.device, model_dir(base), recipe.training.seed)

@@ -4,16 +4,27 @@ controller's state, hand its weights to the rollout engines, and export it at th
 
 The actors form their own torch process group (the controller tells them rank 0's address), so the
 controller can drive them step by step, which Ray Train's run-to-completion loop does not allow.
-The model, plan, sharded load, optimizer, checkpoints and export are the SFT trainer's.
+The place in the job, model, sharded load, optimizer, LR, checkpoints and export are runtime.py's,
+as every trainer's.
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import ray
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from posttrain.training_lib.data.packing import IGNORE
+from posttrain.prep.packing import IGNORE
+from posttrain.recipe import Recipe
+from posttrain.training_lib import runtime
+from posttrain.training_lib.grad_clip import clip_grad_norm
+from posttrain.training_lib.losses.grpo import grpo_loss
+from posttrain.training_lib.models.sharded_load import checkpoint_name
+from posttrain.training_lib.parallel.parallelize import build_frozen_model
 
 
 def collate_rollouts(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -37,64 +48,41 @@ class PolicyWorker:
     """Created with `ray.remote(...)` by the controller; `init` joins the process group."""
 
     def node_address(self) -> tuple[str, int]:
-        import socket
-
-        import ray
-
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
     def init(self, recipe_json: str, workspace: str, rank: int, world: int, master: str) -> dict:
-        import torch.distributed as dist
-
-        from posttrain.recipe import Recipe
-        from posttrain.training_lib.parallel.parallelize import build_frozen_model, make_mesh
-        from posttrain.training_lib.parallel.plan import make_plan
-        from posttrain.training_lib.trainers import common
-
         recipe = Recipe.model_validate_json(recipe_json)
-        device = "cuda" if torch.cuda.is_available() and recipe.compute.gpus_per_worker > 0 else "cpu"
+        device = runtime.choose_device(recipe)
         if device == "cuda":
             torch.cuda.set_device(0)  # Ray gives each actor its own GPU as device 0
         dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://{master}",
                                 rank=rank, world_size=world)
-        plan = make_plan(recipe, world, device)
-        torch.manual_seed(recipe.training.seed)
-        self.w = common.Worker(recipe, Path(workspace), rank, world, device, plan, make_mesh(plan, device))
-        self.model, self.trainable, self.optimizer, report = common.build_model(self.w)
+        self.w = runtime.make_worker(recipe, Path(workspace), rank, world, device)
+        self.model, self.trainable, self.optimizer, report = runtime.build_model(self.w)
         g = recipe.grpo
         # The KL term's reference: with LoRA the base with the adapters off, else a frozen copy.
         self.reference = None
         if g.kl_beta > 0 and recipe.model.lora is None:
-            self.reference, _ = build_frozen_model(recipe, plan, self.w.mesh, recipe.model.base)
+            self.reference, _ = build_frozen_model(recipe, self.w.plan, self.w.mesh, recipe.model.base)
         # Eval mode throughout: LoRA dropout would make the policy's log-probs differ from the ones
         # the engine sampled with, and the ratio would measure the dropout noise, not the update.
         self.model.eval()
-        return {"plan": plan.as_dict(), "trainable": sum(p.numel() for p in self.trainable),
+        return {"plan": self.w.plan.as_dict(), "trainable": sum(p.numel() for p in self.trainable),
                 "bytes_read": report.bytes_read, "full_bytes": report.full_bytes}
 
     def resume(self) -> tuple[int, dict | None]:
         """(step, controller state) of the newest complete checkpoint, restored; (0, None) without one."""
-        from posttrain.training_lib import checkpoint
+        return runtime.resume(self.w, self.model, self.optimizer)
 
-        latest = checkpoint.latest_checkpoint(self.w.checkpoints)
-        if latest is None:
-            return 0, None
-        return checkpoint.load(latest, self.model, self.optimizer, self.w.rank)
-
-    def update(self, rows: list[dict], lr: float, normalizer: float, pad_id: int) -> dict:
-        """One optimizer step on this rank's rows. `normalizer`: the step's global count of
-        completion tokens (token_mean) or completions (sequence_mean)."""
-        import torch.distributed as dist
-
-        from posttrain.training_lib.grad_clip import clip_grad_norm
-        from posttrain.training_lib.losses.grpo import grpo_loss
-
+    def update(self, rows: list[dict], step: int, max_steps: int, normalizer: float, pad_id: int) -> dict:
+        """Optimizer step `step` (of `max_steps`, for the LR schedule) on this rank's rows.
+        `normalizer`: the step's global count of completion tokens (token_mean) or completions
+        (sequence_mean)."""
         w, g = self.w, self.w.recipe.grpo
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = runtime.set_learning_rate(w, self.optimizer, step, max_steps)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, clipped tokens, kl · tokens, tokens
         mbs = w.t.micro_batch_size
         for start in range(0, len(rows), mbs):
@@ -115,7 +103,7 @@ class PolicyWorker:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(sums, group=w.dp_group)
-        return {"loss": float(sums[0]), "clip_fraction": float(sums[1] / sums[3].clamp(min=1)),
+        return {"loss": float(sums[0]), "lr": lr, "clip_fraction": float(sums[1] / sums[3].clamp(min=1)),
                 "kl": float(sums[2] / sums[3].clamp(min=1)), "grad_norm": grad_norm}
 
     def _reference_logprobs(self, core: dict) -> torch.Tensor:
@@ -134,20 +122,12 @@ class PolicyWorker:
         return logps[0, :-1].tolist()
 
     def save(self, step: int, controller_state: dict) -> None:
-        from posttrain.training_lib import checkpoint
-
-        checkpoint.save(self.w.checkpoints, step, self.model, self.optimizer, controller_state, self.w.rank,
-                        self.w.plan.keep_checkpoints)
+        runtime.save(self.w, step, self.model, self.optimizer, controller_state)
 
     def weights(self, bucket_mb: int, vocab: int) -> dict | None:
         """Collective. Rank 0 returns what the rollout engines load: with LoRA {"adapter": {base
         weight name: (A, B)}, "scaling", "full_names"}; otherwise {"buckets": [object refs]}, the full
         weights in checkpoint names, rows past the engine's `vocab` dropped, each bucket ≤ bucket_mb."""
-        import ray
-        from torch.distributed.tensor import DTensor
-
-        from posttrain.training_lib.models.sharded_load import checkpoint_name
-
         lora = self.w.recipe.model.lora
         rank0 = self.w.rank == 0
         names, adapter, buckets, bucket, size = [], {}, [], [], 0
@@ -183,14 +163,10 @@ class PolicyWorker:
         return {"buckets": buckets}
 
     def export(self) -> str | None:
-        from posttrain.training_lib.export import export
-
-        model_dir = export(self.model, self.w.recipe, self.w.workspace, self.w.rank)
+        model_dir = runtime.export_model(self.w, self.model)
         return str(model_dir) if model_dir else None
 
     def close(self) -> None:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -8,40 +8,37 @@ adapted layers and merges W + scale · B·A itself before the reload. vLLM's rel
 nothing (a partial reload leaves stacked projections inconsistent), so every sync reloads every
 tensor; the adapter path only saves the transfer.
 
-Runs vLLM in-process (no engine subprocess), on 127.0.0.1, with a small KV cache on the CPU.
+The engine is models/vllm_engine.py's: in-process (no engine subprocess), on 127.0.0.1, with a
+small KV cache on the CPU.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from posttrain.training_lib.evaluation.generate import vllm_loopback_defaults
+import ray
+import torch
+from safetensors.torch import load_file
 
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Where a reply ends: the chat template's end-of-turn token and the tokenizer's EOS."""
-    return sorted(i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
-                  if isinstance(i, int) and i >= 0)
+from posttrain.training_lib.models.sharded_load import safetensors_index
+from posttrain.training_lib.models.vllm_engine import make_engine, sampling_params, scoring_params
 
 
 class RolloutEngine:
-    """One vLLM engine on `model_dir` in `dtype` (the policy's: rollout and policy precision match)."""
+    """One vLLM engine on `model_dir` in `dtype` (the policy's: rollout and policy precision match).
+    `vocab`: the tokenizer's size (only its ids are sampled); `stop_ids`: where a completion ends."""
 
     def __init__(self, model_dir: str, dtype: str, max_model_len: int, vocab: int, stop_ids: list[int],
                  seed: int = 0):
-        vllm_loopback_defaults()
-        import logging
-
-        from vllm import LLM
-
+        self.llm = make_engine(model_dir, max_model_len, dtype=dtype, seed=seed, max_num_seqs=64)
         # Each sync reloads every layer, and vLLM warns for each rotary embedding that it has no
         # weights to reload (it has none: its frequencies are computed): a line per layer per step.
+        # Set once vLLM is imported: its logging setup resets the levels of loggers under "vllm".
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
-
-        self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=seed,
-                       max_num_seqs=64)
         self.model_dir, self.vocab, self.stop_ids = model_dir, vocab, stop_ids
         self.base: dict[str, Any] = {}  # base weights of the LoRA-adapted layers (adapter sync)
         self.version = 0
@@ -49,10 +46,8 @@ class RolloutEngine:
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int, seed: int) -> dict:
         """n completions of each prompt: token ids, the sampling policy's log-prob of each token,
         and whether it stopped by itself. Seeded per call, so a resumed run samples the same."""
-        from vllm import SamplingParams
-
-        params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed + i,
-                                 stop_token_ids=self.stop_ids, allowed_token_ids=list(range(self.vocab)))
+        params = [sampling_params(self.vocab, self.stop_ids, n=n, temperature=temperature, max_tokens=max_tokens,
+                                  logprobs=0, seed=seed + i)
                   for i in range(len(prompts))]
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -69,10 +64,7 @@ class RolloutEngine:
 
     def prompt_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i ≥ 1 under the engine's current weights (the sync check)."""
-        from vllm import SamplingParams
-
-        out = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                use_tqdm=False)
+        out = self.llm.generate([{"prompt_token_ids": ids}], scoring_params(), use_tqdm=False)
         return [entry[tok].logprob for tok, entry in zip(ids[1:], out[0].prompt_logprobs[1:], strict=True)]
 
     def _reload(self, weights: Iterator[tuple[str, Any]], version: int) -> None:
@@ -82,8 +74,6 @@ class RolloutEngine:
 
     def load_full(self, buckets: list[Any], version: int) -> None:
         """Full weights from object-store buckets (each a list of (name, tensor)), streamed."""
-        import ray
-
         def stream() -> Iterator[tuple[str, Any]]:
             for ref in buckets:
                 yield from ray.get(ref)
@@ -93,8 +83,6 @@ class RolloutEngine:
     def load_adapter(self, adapter: dict[str, Any], scaling: float, full_names: list[str], version: int) -> None:
         """LoRA adapters only: merge each adapted layer's base weight with B·A here, reload.
         `adapter` maps a base weight's name to its (A, B); `full_names` lists every weight."""
-        import torch
-
         if not self.base:  # the first adapter sync: keep the base weights, as the checkpoint names them
             self.base = _checkpoint_tensors(self.model_dir)
         missing = [n for n in full_names if n not in self.base]
@@ -114,12 +102,6 @@ class RolloutEngine:
 
 
 def _checkpoint_tensors(model_dir: str) -> dict[str, Any]:
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from posttrain.training_lib.models.sharded_load import safetensors_index
-
     out: dict[str, Any] = {}
     for path in sorted(set(safetensors_index(Path(model_dir)).values())):
         out.update(load_file(str(path)))

@@ -10,40 +10,41 @@ the workspace instead of being computed again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from posttrain.prep.packing import IGNORE
 from posttrain.recipe import Recipe
+from posttrain.training_lib import runtime
+from posttrain.training_lib.data.loader import read_manifest
+from posttrain.training_lib.data.pairs import Pair, PairLoader, collate_pairs, read_pairs
+from posttrain.training_lib.grad_clip import clip_grad_norm
+from posttrain.training_lib.losses.logprobs import pair_logprobs, sequence_logprobs
+from posttrain.training_lib.losses.preference import preference_loss
+from posttrain.training_lib.trainers.common import fit
 
 REFERENCE_FILE = "reference_logps.pt"
 
 
 def train_loop(config: dict) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from posttrain.training_lib.data.loader import read_manifest
-    from posttrain.training_lib.data.pairs import PairLoader, read_pairs
-    from posttrain.training_lib.grad_clip import clip_grad_norm
-    from posttrain.training_lib.losses.preference import preference_loss
-    from posttrain.training_lib.trainers import common
-
-    w = common.start_worker(config)
+    w = runtime.start_worker(config)
     t, device, dpo = w.t, w.device, w.recipe.dpo
     pairs = read_pairs(w.workspace, "train")
     pad_id = read_manifest(w.workspace)["tokenizer"]["block_pad_id"]
     loader = PairLoader(pairs, w.dp_rank, w.dp_size, t.micro_batch_size, t.seed, pad_id)
     max_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum)
-    model, trainable, optimizer, report = common.build_model(w)
+    model, trainable, optimizer, report = runtime.build_model(w)
     reference = precomputed_reference(w, model, pairs, pad_id) if dpo.reference == "precomputed" else None
-    step = common.resume(w, model, optimizer, loader)
-    common.announce(w, trainable, report, f"{len(pairs)} preference pairs, {t.micro_batch_size} per micro-batch; "
-                                          f"{dpo.loss} loss, beta {dpo.beta}, {dpo.reference} reference")
-    logger = common.step_logger(w, max_steps, step)
+    step, _ = runtime.resume(w, model, optimizer, loader)
+    runtime.announce(w, trainable, report, f"{len(pairs)} preference pairs, {t.micro_batch_size} per micro-batch; "
+                                           f"{dpo.loss} loss, beta {dpo.beta}, {dpo.reference} reference")
+    logger = runtime.step_logger(w, max_steps, step)
 
     model.train()
     while step < max_steps:
         step += 1
-        lr = common.set_learning_rate(w, optimizer, step, max_steps)
+        lr = runtime.set_learning_rate(w, optimizer, step, max_steps)
         sums = torch.zeros(5, device=device)  # loss, rewards/chosen, rewards/rejected, correct, pairs
         tokens = 0
         for _ in range(t.grad_accum):
@@ -73,35 +74,16 @@ def train_loop(config: dict) -> None:
             logger.log(step, loss, lr, grad_norm, tokens * w.dp_size, extra={
                 "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
                 "rewards/accuracy": correct})
-        common.maybe_checkpoint(w, step, max_steps, model, optimizer, loader)
+        runtime.maybe_checkpoint(w, step, max_steps, model, optimizer, loader)
 
-    common.finish(w, model, logger, max_steps)
-
-
-def pair_logprobs(model: Any, batch: dict, num_sequences: int, pairs: int, normalize: bool = False) -> Any:
-    """[pairs, 2] summed log-probs of the (chosen, rejected) completions of a packed pair batch;
-    `normalize`: divided by each completion's token count (IPO's length-normalized form)."""
-    from posttrain.training_lib.losses.logprobs import sequence_logprobs
-
-    token_logps = model(**batch, output="token_logprobs")
-    sums = sequence_logprobs(token_logps, batch["position_ids"], num_sequences)[: 2 * pairs].view(pairs, 2)
-    if not normalize:
-        return sums
-    counts = sequence_logprobs((batch["labels"] != -100).to(sums.dtype), batch["position_ids"], num_sequences)
-    return sums / counts[: 2 * pairs].view(pairs, 2).clamp(min=1)
+    runtime.finish(w, model, logger, max_steps)
 
 
-def precomputed_reference(w: Any, model: Any, pairs: list, pad_id: int) -> Any:
+def precomputed_reference(w: runtime.Worker, model: torch.nn.Module, pairs: list[Pair], pad_id: int) -> torch.Tensor:
     """[pairs, 2, 2]: (summed log-prob, token count) of each pair's chosen and rejected completion
     under the model before its first update, i.e. the reference. Computed once by the data-parallel
     ranks together (each scores a share; every rank runs the same number of forwards, which FSDP's
     collectives need) and kept in train/reference_logps.pt, so a resumed job reads it back."""
-    import torch
-    import torch.distributed as dist
-
-    from posttrain.training_lib.data.pairs import collate_pairs
-    from posttrain.training_lib.losses.logprobs import sequence_logprobs
-
     path = w.workspace / "train" / REFERENCE_FILE
     if path.exists():
         saved = torch.load(path)
@@ -122,7 +104,7 @@ def precomputed_reference(w: Any, model: Any, pairs: list, pad_id: int) -> Any:
             n = int(batch.pop("num_sequences"))
             token_logps = model(**batch, output="token_logprobs")
             sums = sequence_logprobs(token_logps, batch["position_ids"], n)[: 2 * len(chunk)].view(-1, 2)
-            counts = sequence_logprobs((batch["labels"] != -100).to(sums.dtype), batch["position_ids"], n)
+            counts = sequence_logprobs((batch["labels"] != IGNORE).to(sums.dtype), batch["position_ids"], n)
             if real:
                 out[chunk, :, 0] = sums.to(out)
                 out[chunk, :, 1] = counts[: 2 * len(chunk)].view(-1, 2).to(out)
@@ -139,6 +121,4 @@ def precomputed_reference(w: Any, model: Any, pairs: list, pad_id: int) -> Any:
 
 def run(recipe: Recipe, workspace: Path) -> dict:
     """The Ray job driver: fit on the cluster this job runs in."""
-    from posttrain.training_lib.trainers.common import fit
-
     return fit(recipe, workspace, train_loop)

@@ -10,37 +10,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from posttrain.prep.tokenizer import require_same_tokenizer
 from posttrain.recipe import Recipe
+from posttrain.training_lib import runtime
+from posttrain.training_lib.data.loader import make_loader
+from posttrain.training_lib.grad_clip import clip_grad_norm
+from posttrain.training_lib.models.with_loss import base_model
+from posttrain.training_lib.parallel.parallelize import build_frozen_model
+from posttrain.training_lib.trainers.common import fit
 
 
 def train_loop(config: dict) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from posttrain.training_lib.grad_clip import clip_grad_norm
-    from posttrain.training_lib.models.with_loss import base_model
-    from posttrain.training_lib.parallel.parallelize import build_frozen_model
-    from posttrain.training_lib.trainers import common
-    from posttrain.training_lib.trainers.sft import make_loader
-
-    w = common.start_worker(config)
+    w = runtime.start_worker(config)
     t, device, kd = w.t, w.device, w.recipe.kd
     loader, blocks_per_epoch = make_loader(w.recipe, w.workspace, w.dp_rank, w.dp_size)
     max_steps = t.max_steps or t.epochs * max(1, blocks_per_epoch // (t.micro_batch_size * t.grad_accum))
-    model, trainable, optimizer, report = common.build_model(w)
+    model, trainable, optimizer, report = runtime.build_model(w)
     teacher, teacher_report = build_frozen_model(w.recipe, w.plan, w.mesh, kd.teacher)
     teacher_weight = base_model(teacher.lm).lm_head.weight  # replicated: readable outside the teacher's forward
-    step = common.resume(w, model, optimizer, loader)
-    common.announce(w, trainable, report, f"teacher {kd.teacher} ({teacher_report.local_bytes / 2**20:.1f} MiB "
-                                          f"on rank 0), {kd.divergence} at temperature {kd.temperature}, "
-                                          f"weight {kd.weight}")
-    logger = common.step_logger(w, max_steps, step)
+    step, _ = runtime.resume(w, model, optimizer, loader)
+    runtime.announce(w, trainable, report, f"teacher {kd.teacher} ({teacher_report.local_bytes / 2**20:.1f} MiB "
+                                           f"on rank 0), {kd.divergence} at temperature {kd.temperature}, "
+                                           f"weight {kd.weight}")
+    logger = runtime.step_logger(w, max_steps, step)
 
     model.train()
     while step < max_steps:
         step += 1
-        lr = common.set_learning_rate(w, optimizer, step, max_steps)
-        micro, targets = common.packed_micro_batches(w, loader)  # targets: the step's global token count
+        lr = runtime.set_learning_rate(w, optimizer, step, max_steps)
+        micro, targets = runtime.packed_micro_batches(w, loader)  # targets: the step's global token count
         parts = torch.zeros(2, device=device)  # divergence, cross-entropy (sums)
         for batch in micro:
             with torch.no_grad():
@@ -60,15 +61,12 @@ def train_loop(config: dict) -> None:
         if step % t.log_every == 0 or step == max_steps:
             logger.log(step, kd.weight * divergence + (1 - kd.weight) * ce, lr, grad_norm, tokens,
                        extra={f"kd/{kd.divergence}": divergence, "kd/cross_entropy": ce})
-        common.maybe_checkpoint(w, step, max_steps, model, optimizer, loader)
+        runtime.maybe_checkpoint(w, step, max_steps, model, optimizer, loader)
 
-    common.finish(w, model, logger, max_steps)
+    runtime.finish(w, model, logger, max_steps)
 
 
 def run(recipe: Recipe, workspace: Path) -> dict:
     """The Ray job driver: refuse a teacher of another tokenizer, then fit."""
-    from posttrain.training_lib.data.tokenizer import require_same_tokenizer
-    from posttrain.training_lib.trainers.common import fit
-
     require_same_tokenizer(recipe.kd.teacher, workspace)
     return fit(recipe, workspace, train_loop)

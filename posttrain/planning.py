@@ -1,7 +1,12 @@
-"""Memory per device, estimated from the model's config.json and the recipe before anything runs.
+"""The plan and the memory estimate: how a recipe runs on the hardware at hand, and whether it fits.
 
-Pure Python (no torch), so `posttrain plan` answers in a blink. The figures are estimates of the
-big terms, meant to catch "this will not fit" before a cluster is paid for, not to the megabyte:
+Decided once, from the recipe and the devices, before the model is built; the recipe's explicit
+settings override `auto`. Pure Python (no torch, no airflow): `posttrain plan`, the DAG's first task
+(`check_plan` refuses an impossible recipe before a cluster is started) and the training job
+(`training_lib.parallel.plan.make_plan`, with the devices it really has) all decide with it.
+
+The memory figures are estimates of the big terms, meant to catch "this will not fit" before a
+cluster is paid for, not to the megabyte:
 - weights, gradients and AdamW moments, sharded over the data-parallel ranks by FSDP (whole on
   every rank for DDP); FSDP keeps float32 master weights and gathers one block at a time in the
   compute dtype (two in flight with prefetch);
@@ -14,11 +19,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from posttrain import instance_types
-from posttrain.recipe import Recipe, RecipeError, local_path
-from posttrain.training_lib.parallel.plan import Plan, choose_plan, plan_problems
+from posttrain.recipe import Recipe, RecipeError
+from posttrain.uris import model_file
 
 GIB = 2**30
 
@@ -96,22 +100,79 @@ def estimate(recipe: Recipe, shape: ModelShape, world: int, compute_bytes: int, 
     }
 
 
-def model_config_path(recipe: Recipe) -> Path | None:
-    """The base model's config.json: the local folder, or the Hugging Face cache for an hf:// base
-    (nothing is downloaded). None when it isn't there."""
-    base = recipe.model.base
-    if base.startswith("hf://"):
-        from huggingface_hub import try_to_load_from_cache
+@dataclass(frozen=True)
+class Plan:
+    strategy: str  # "fsdp" | "ddp" | "fsdp_tp"
+    device: str  # "cpu" | "cuda"
+    param_dtype: str  # "float32" | "bfloat16"
+    activation_checkpointing: bool
+    compile: bool
+    world_size: int
+    tensor_parallel: int = 1
+    checkpoint_every: int = 50  # steps between checkpoints; the newest `keep_checkpoints` are kept
+    keep_checkpoints: int = 2
+    reasons: tuple[str, ...] = ()  # why `auto` settings came out as they did
 
-        cached = try_to_load_from_cache(base.removeprefix("hf://"), "config.json")
-        return Path(cached) if isinstance(cached, str) else None
-    config = local_path(base) / "config.json"
-    return config if config.exists() else None
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.tensor_parallel
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "data_parallel": self.data_parallel}
+
+
+def choose_plan(recipe: Recipe, world_size: int, device: str, bf16_capable: bool,
+                shape: ModelShape | None = None, memory_gib: float | None = None) -> Plan:
+    """The decisions, as a pure function (`posttrain plan` calls it without torch or a GPU).
+    With the model's shape and the memory per device known, `activation_checkpointing: auto` is
+    decided by the estimate: on only when the step would not fit without it."""
+    t = recipe.training
+    tp = t.tensor_parallel
+    if t.sharding == "fsdp_tp" or tp > 1:
+        strategy = "fsdp_tp"
+    else:
+        # FSDP2 even on one rank: the same code path at every scale, and a one-rank mesh costs nothing.
+        strategy = "fsdp" if t.sharding in ("auto", "fsdp") else t.sharding
+    if t.precision == "bf16" and not bf16_capable:
+        raise ValueError(f"training.precision bf16 needs a GPU with bf16 support; this worker has {device}")
+    precision = "bfloat16" if t.precision == "bf16" or (t.precision == "auto" and bf16_capable) else "float32"
+    reasons = []
+    if isinstance(t.activation_checkpointing, bool):
+        ac = t.activation_checkpointing
+    elif shape is not None and memory_gib is not None:
+        need = estimate(recipe, shape, world_size, 2 if precision == "bfloat16" else 4, False, strategy,
+                        tp)["total_gib_per_device"]
+        # 10% headroom: allocator fragmentation, the CUDA context, communication buffers.
+        ac = need > 0.9 * memory_gib
+        reasons.append(f"activation checkpointing {'on' if ac else 'off'}: about {need} GiB per device without "
+                       f"it, {memory_gib:g} GiB available")
+    else:
+        # Checkpointing trades compute for memory: worth it on accelerators, not for CPU-sized models.
+        ac = device == "cuda"
+    return Plan(strategy=strategy, device=device, param_dtype=precision, activation_checkpointing=ac,
+                compile=t.compile, world_size=world_size, tensor_parallel=tp,
+                checkpoint_every=min(t.checkpoint_every, t.max_steps or t.checkpoint_every),
+                keep_checkpoints=t.keep_checkpoints, reasons=tuple(reasons))
+
+
+def plan_problems(plan: Plan, shape: ModelShape) -> list[tuple[str, str]]:
+    """What makes the plan impossible for this model, as (recipe field, message with the numbers)."""
+    tp = plan.tensor_parallel
+    problems = []
+    if plan.world_size % tp:
+        problems.append(("training.tensor_parallel", f"tensor parallel degree {tp} does not divide the "
+                         f"{plan.world_size} workers (compute.workers)"))
+    for what, count in (("attention heads", shape.heads), ("key/value heads", shape.kv_heads),
+                        ("MLP intermediate features", shape.intermediate)):
+        if count % tp:
+            problems.append(("training.tensor_parallel", f"tensor parallel degree {tp} does not divide the "
+                             f"model's {count} {what}"))
+    return problems
 
 
 def model_shape(recipe: Recipe) -> ModelShape | None:
     """The model's shape from its config.json; None without a config or for a non-Llama-like one."""
-    config = model_config_path(recipe)
+    config = model_file(recipe.model.base, "config.json")
     if config is None:
         return None
     try:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from posttrain.recipe import model_location
+from posttrain.uris import model_location
 
 
 class TokenizerMismatch(RuntimeError):

@@ -13,11 +13,11 @@ from typing import IO, Any
 
 import fsspec
 
+from posttrain.prep.chat import tokenize_chat
+from posttrain.prep.formats import prepare_preference, prepare_prompts
+from posttrain.prep.packing import Block, pack
+from posttrain.prep.tokenizer import TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
 from posttrain.recipe import Recipe
-from posttrain.training_lib.data.chat import tokenize_chat
-from posttrain.training_lib.data.formats import prepare_preference, prepare_prompts
-from posttrain.training_lib.data.packing import Block, pack
-from posttrain.training_lib.data.tokenizer import TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
 
 Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
 

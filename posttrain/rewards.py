@@ -6,9 +6,11 @@ Every reward function has the signature ``fn(completion, *, prompt, answer, **pa
 a built-in name (``exact_match``, ``regex``, ``length_penalty``) or by an import path
 ``"package.module:function"``, the way trl takes user rewards.
 
-``check_reward_spec`` is what the recipe schema calls at recipe load: it resolves the name, checks the
-function can be called with the recipe's params and, for built-ins, the params' types and values, and
-raises ``ValueError`` naming the reward. It runs on the scheduler, so this module imports no torch.
+``RewardSpec`` is the recipe's entry for one reward (part of the schema); building one runs
+``check_reward_spec``: it resolves the name, checks the function can be called with the recipe's params
+and, for built-ins, the params' types and values, and raises ``ValueError`` naming the reward. The
+registry, the checks and ``score`` run on the scheduler and in the Ray job alike, so this module
+imports no torch.
 """
 
 from __future__ import annotations
@@ -17,12 +19,32 @@ import importlib
 import inspect
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
+
+from pydantic import Field, model_validator
+
+from posttrain.config_base import Strict
 
 RewardFn = Callable[..., float]
 TOTAL = "total"
+# Whether building a RewardSpec imports the user function it names. A context variable, not
+# pydantic's validation context: RewardSpec has its own __init__, through which pydantic validates
+# nested specs without passing the context on.
+_IMPORT_USER_CODE: ContextVar[bool] = ContextVar("posttrain_import_user_code", default=True)
+
+
+@contextmanager
+def user_code_imports(enabled: bool) -> Iterator[None]:
+    """RewardSpecs built inside import their user functions (`enabled`) or check only their form."""
+    token = _IMPORT_USER_CODE.set(enabled)
+    try:
+        yield
+    finally:
+        _IMPORT_USER_CODE.reset(token)
 
 
 def exact_match(completion: str, *, prompt: list[dict], answer: str | None, normalize: bool = False) -> float:
@@ -155,24 +177,47 @@ class RewardError(RuntimeError):
         self.index = index
 
 
-@dataclass
-class RewardSpec:
-    """One reward of a recipe. ``label`` is the key of its scores (default: ``name``); give one when
-    the same function is used twice, e.g. two ``regex`` rewards."""
+class RewardSpec(Strict):
+    """One reward of a recipe (an entry of `grpo.rewards`): a built-in name or an import path, its
+    weight in the total and its params. ``label`` is the key of its scores (default: ``name``); give
+    one when the same function is used twice, e.g. two ``regex`` rewards.
+
+    Checked when built: the name resolves, the function takes the params (`check_reward_spec`). The
+    DAG processor parses recipes inside ``user_code_imports(False)``: user modules may import torch,
+    so there only the form of an import path is checked (the first task and `posttrain validate`
+    import and check them)."""
 
     name: str
     weight: float = 1.0
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+
+    def __init__(self, name: str | None = None, /, **data: Any) -> None:
+        # The reward's name may be given positionally, as scoring code writes RewardSpec("regex", ...).
+        super().__init__(**({"name": name} if name is not None else {}), **data)
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> RewardSpec:
+        if ":" in self.name and not _IMPORT_USER_CODE.get():
+            self._check_weight()
+            if not re.fullmatch(r"[\w.]+:[\w.]+", self.name):
+                raise ValueError(f"reward {self.name!r}: not an import path of the form 'package.module:function'")
+            return self
+        self.check()
+        return self
 
     @property
     def key(self) -> str:
         return self.label or self.name
 
     def check(self) -> None:
-        if not (isinstance(self.weight, int | float) and math.isfinite(self.weight)):
-            raise ValueError(f"reward {self.name!r}: weight must be a finite number, got {self.weight!r}")
+        """The weight, and the function with its params (importing a user function)."""
+        self._check_weight()
         check_reward_spec(self.name, self.params)
+
+    def _check_weight(self) -> None:
+        if not math.isfinite(self.weight):
+            raise ValueError(f"reward {self.name!r}: weight must be a finite number, got {self.weight!r}")
 
 
 def score(specs: Sequence[RewardSpec], completions: Sequence[str], prompts: Sequence[list[dict]],

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from posttrain.training_lib.data.chat import tokenize_chat
+from posttrain.prep.chat import tokenize_chat
 
 
 def _write(table: dict[str, Any], path: Path) -> None:

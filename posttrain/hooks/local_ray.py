@@ -1,0 +1,144 @@
+"""A Ray head on 127.0.0.1 for `compute.provider: local`: started with `ray start --head` by the
+setup task, stopped (every process of it, and only those) by the teardown task."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from posttrain.hooks.ray import RayJobError, RayJobHook
+from posttrain.paths import cache_env, posttrain_home
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayCluster:
+    """A Ray head on 127.0.0.1 started with `ray start --head`, stopped by its own temp dir."""
+
+    # Unix socket paths may not exceed 107 bytes; Ray adds up to 65 under the temp dir
+    # ("/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store").
+    MAX_TEMP_DIR = 42
+
+    @staticmethod
+    def temp_dir(cluster_id: str) -> Path:
+        preferred = posttrain_home() / "ray" / cluster_id
+        if len(str(preferred)) <= LocalRayCluster.MAX_TEMP_DIR:
+            return preferred
+        # A deep checkout would overflow Ray's socket paths: fall back to a short per-user folder.
+        return Path(f"/tmp/posttrain-ray-{os.getuid()}") / cluster_id
+
+    @classmethod
+    def start(cls, num_cpus: int, timeout: float = 120.0) -> dict[str, Any]:
+        cluster_id = uuid.uuid4().hex[:6]
+        temp_dir = cls.temp_dir(cluster_id)
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        # Token auth on, with a token of this cluster's own (not ~/.ray/auth_token).
+        token = secrets.token_hex(32)
+        token_file = temp_dir / "auth_token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
+        gcs, dashboard = _free_port(), _free_port()
+        bin_dir = str(Path(sys.executable).parent)
+        env = {**os.environ, **{k: v for k, v in cache_env().items() if k not in os.environ}}
+        env.update({
+            # Jobs run `python` from the head's PATH: make it this interpreter's environment.
+            "PATH": bin_dir + os.pathsep + env.get("PATH", ""),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_TMPDIR": str(temp_dir),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            "MASTER_ADDR": "127.0.0.1",
+            "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo"),
+            "VLLM_HOST_IP": "127.0.0.1",
+            "VLLM_LOOPBACK_IP": "127.0.0.1",
+        })
+        cmd = [
+            str(Path(bin_dir) / "ray"), "start", "--head",
+            "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+            "--port", str(gcs), "--dashboard-port", str(dashboard),
+            "--dashboard-agent-listen-port", str(_free_port()),
+            "--dashboard-agent-grpc-port", str(_free_port()),
+            "--metrics-export-port", str(_free_port()),
+            "--runtime-env-agent-port", str(_free_port()),
+            "--ray-client-server-port", str(_free_port()),
+            "--num-cpus", str(num_cpus), "--num-gpus", "0",
+            "--temp-dir", str(temp_dir), "--disable-usage-stats", "--include-dashboard", "true",
+        ]
+        info = {"provider": "local", "cluster_id": cluster_id, "address": f"127.0.0.1:{gcs}",
+                "dashboard_url": f"http://127.0.0.1:{dashboard}", "temp_dir": str(temp_dir),
+                "python": sys.executable, "token_file": str(token_file)}
+        # Output goes to a file, not a pipe: the daemons `ray start` leaves behind inherit its
+        # stdout, and a pipe would stay open until they exit.
+        log_path = temp_dir / "ray-start.log"
+        try:
+            with log_path.open("w") as log:
+                code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"none: still starting after {timeout:.0f}s"
+        if code != 0:
+            output = log_path.read_text()[-3000:]
+            cls.stop(info)
+            raise RayJobError(f"`ray start --head` failed with exit code {code}:\n{output}")
+        try:
+            RayJobHook(address=info["dashboard_url"], token_file=info["token_file"]).wait_ready(timeout)
+        except RayJobError:
+            cls.stop(info)
+            raise
+        return info
+
+    @staticmethod
+    def processes(info: dict[str, Any]) -> list:
+        """Every process of this head: those naming its temp dir or its GCS address (the Ray client
+        server names only the latter), and their children."""
+        import psutil
+
+        keys = [info["temp_dir"]] + ([f"={info['address']}"] if info.get("address") else [])
+        found: dict[int, psutil.Process] = {}
+        me = psutil.Process()
+        spared = {me.pid, *(p.pid for p in me.parents())}
+        for proc in psutil.process_iter(["cmdline"]):
+            if proc.pid in spared:
+                continue
+            try:
+                if any(key in part for part in proc.info["cmdline"] or () for key in keys):
+                    # Job drivers are children of Ray workers and don't name the temp dir.
+                    for p in [proc, *proc.children(recursive=True)]:
+                        if p.pid not in spared:
+                            found[p.pid] = p
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return list(found.values())
+
+    @classmethod
+    def stop(cls, info: dict[str, Any], grace: float = 5.0) -> int:
+        """Stop every process of this head (and only this one). Returns how many were running."""
+        import psutil
+
+        procs = cls.processes(info)
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _gone, alive = psutil.wait_procs(procs, timeout=grace)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=grace)
+        shutil.rmtree(info["temp_dir"], ignore_errors=True)
+        return len(procs)

@@ -49,17 +49,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from posttrain.planning import check_plan, model_shape, plan_report
 
     recipe = load_recipe(args.recipe)
-    shape = model_shape(recipe)
-    if shape is None:
-        print(f"{args.recipe}: model.base: no Llama-family config.json found for {recipe.model.base} (a local "
-              "folder, or an hf:// model already in the Hugging Face cache)", file=sys.stderr)
-        return 1
-    print(json.dumps(plan_report(recipe, shape), indent=2))
     try:
-        check_plan(recipe, source=str(args.recipe))
-    except RecipeError as exc:
+        report = check_plan(recipe, source=str(args.recipe))
+    except RecipeError as exc:  # the plan is impossible: the estimate, then why
+        print(json.dumps(plan_report(recipe, model_shape(recipe)), indent=2))
         print(str(exc), file=sys.stderr)
         return 1
+    if not report.pop("checked"):
+        print(f"{args.recipe}: plan not checked (tensor-parallel degree, memory per device): {report['reason']}",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -152,8 +152,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from posttrain.gc import collect, parse_age
     from posttrain.hooks.ec2 import Ec2ClusterHook
 
+    def announce(entry: dict[str, Any]) -> None:
+        verb = "would terminate" if args.dry_run and entry["action"] == "terminate" else entry["action"]
+        print(f"{entry['cluster_id']} ({entry['dag_id']} / {entry['run_id']}, {len(entry['instances'])} "
+              f"instances): {verb}: {entry['reason']}", flush=True)
+
     report = collect(Ec2ClusterHook(args.aws_conn_id, args.region), parse_age(args.older_than),
-                     dry_run=args.dry_run)
+                     dry_run=args.dry_run, force=args.force, announce=announce)
     print(json.dumps(report, indent=2, default=str))
     return 0
 
@@ -180,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", required=True)
     p.add_argument("--aws-conn-id", default="aws_default")
     p.add_argument("--dry-run", action="store_true", help="report what would be terminated")
+    p.add_argument("--force", action="store_true",
+                   help="also terminate clusters whose DAG run is not in the metadata database")
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("tiny-model", help="build the tiny debug model + tokenizer offline")
     p.add_argument("out")

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from posttrain.config_base import NonBlank
 from posttrain.config_base import Strict as _Strict
 from posttrain.rewards import RewardSpec
 
@@ -28,7 +29,7 @@ class DpoConfig(_Strict):
 
 class KdConfig(_Strict):
     """Knowledge distillation (paradigm kd, chat data): a frozen teacher of the same tokenizer."""
-    teacher: str  # a local folder (relative to the recipe) or hf://org/name
+    teacher: NonBlank  # a local folder (relative to the recipe) or hf://org/name
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     # loss = weight · divergence + (1 − weight) · cross-entropy on the data, per assistant token

@@ -170,14 +170,34 @@ def plan_problems(plan: Plan, shape: ModelShape) -> list[tuple[str, str]]:
     return problems
 
 
-def model_shape(recipe: Recipe) -> ModelShape | None:
-    """The model's shape from its config.json; None without a config or for a non-Llama-like one."""
-    config = model_file(recipe.model.base, "config.json")
+class ShapeUnknown(ValueError):
+    """The model's shape can't be read on this side: what the plan check could not check, and why."""
+
+
+def read_model_shape(recipe: Recipe) -> ModelShape:
+    """The model's shape from its config.json; raises ShapeUnknown saying why it can't be read."""
+    base = recipe.model.base
+    config = model_file(base, "config.json")
     if config is None:
-        return None
+        where = ("is not in the Hugging Face cache (nothing is downloaded)" if base.startswith("hf://")
+                 else "does not exist")
+        raise ShapeUnknown(f"the config.json of model.base {base} {where}")
     try:
-        return ModelShape.from_config(json.loads(config.read_text()), recipe.model.pad_vocab_to_multiple_of)
-    except (KeyError, TypeError, ValueError):
+        data = json.loads(config.read_text())
+        return ModelShape.from_config(data, recipe.model.pad_vocab_to_multiple_of)
+    except json.JSONDecodeError as exc:
+        raise ShapeUnknown(f"{config} is not JSON ({exc})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        kind = data.get("model_type") if isinstance(data, dict) else None
+        raise ShapeUnknown(f"{config}: model_type {kind!r} is not an architecture the plan can read "
+                           f"({type(exc).__name__}: {exc})") from None
+
+
+def model_shape(recipe: Recipe) -> ModelShape | None:
+    """The model's shape, or None where it can't be read (read_model_shape says why)."""
+    try:
+        return read_model_shape(recipe)
+    except ShapeUnknown:
         return None
 
 
@@ -215,13 +235,15 @@ def plan_report(recipe: Recipe, shape: ModelShape, device: str | None = None, pl
     return report
 
 
-def check_plan(recipe: Recipe, source: str = "<recipe>") -> dict | None:
+def check_plan(recipe: Recipe, source: str = "<recipe>") -> dict:
     """Refuse, before anything is submitted, a recipe the hardware can't run: a tensor-parallel
     degree that doesn't divide the heads or workers, or a memory estimate over the budget. Returns
-    the plan report (None when the model's config.json isn't available to check against)."""
-    shape = model_shape(recipe)
-    if shape is None:
-        return None
+    the plan report, or, when the model's config can't be read here, `{"checked": False, "reason":
+    ...}`: the caller says so (the check is never skipped silently)."""
+    try:
+        shape = read_model_shape(recipe)
+    except ShapeUnknown as exc:
+        return {"checked": False, "reason": str(exc)}
     plan = recipe_plan(recipe, shape)
     report = plan_report(recipe, shape, plan=plan)
     problems = plan_problems(plan, shape)
@@ -232,4 +254,4 @@ def check_plan(recipe: Recipe, source: str = "<recipe>") -> dict | None:
                          "LoRA, activation checkpointing, a smaller micro_batch_size or max_seq_len"))
     if problems:
         raise RecipeError(source, problems)
-    return report
+    return {"checked": True, **report}

@@ -11,20 +11,18 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from posttrain import instance_types
-from posttrain.config_base import Strict
+from posttrain.config_base import NonBlank, Strict
 from posttrain.ec2_config import Ec2Config
 from posttrain.eval_metrics import MetricName, default_mode, paradigm_metrics
 from posttrain.paradigm_config import PARADIGM_DATA, DpoConfig, GrpoConfig, KdConfig, Paradigm
+from posttrain.recipe_yaml import YamlProblem, load_yaml
 from posttrain.rewards import user_code_imports
 from posttrain.uris import resolve_uri
 
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
-# libyaml's loader when present: the DAG processor parses every recipe on every pass.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
 
 
@@ -45,7 +43,7 @@ class LoraConfig(_Strict):
     rank: int = Field(16, gt=0, le=1024)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: list[NonBlank] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
     # The export always writes the adapter; the merged model (base + adapter, what vLLM serves
     # without LoRA support) too unless this is false: then evaluation merges in a scratch folder
     # and promotion publishes the adapter alone.
@@ -53,8 +51,8 @@ class LoraConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    base: str
-    tokenizer: str | None = None
+    base: NonBlank
+    tokenizer: NonBlank | None = None
     lora: LoraConfig | None = None
     components: dict[str, str] = Field(default_factory=dict)
     pad_vocab_to_multiple_of: int = Field(64, ge=1, le=4096)
@@ -93,8 +91,9 @@ class DataValidationConfig(_Strict):
 
 class DataConfig(_Strict):
     format: Literal["chat", "preference", "prompt"] = "chat"
-    train: str = Field(min_length=1, description="Training data: a JSONL file (path relative to the recipe, or a URI)")
-    eval: str | None = Field(None, description="Evaluation data: a JSONL file of the same format (path or URI)")
+    train: NonBlank = Field(min_length=1, description="Training data: a JSONL file (a path relative to the recipe, "
+                                                      "or a URI)")
+    eval: NonBlank | None = Field(None, description="Evaluation data: a JSONL file of the same format (path or URI)")
     max_seq_len: int = Field(2048, gt=0, le=1_048_576)
     train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
     packing: PackingConfig = Field(default_factory=PackingConfig)
@@ -139,7 +138,7 @@ class ComputeConfig(_Strict):
     workers: int = Field(2, ge=1, le=4096)
     gpus_per_worker: int = Field(0, ge=0, le=16)
     cpus_per_worker: int = Field(1, ge=1)
-    ray_conn_id: str = "ray_default"
+    ray_conn_id: NonBlank = "ray_default"
     startup_timeout_s: int = Field(120, ge=10)
     memory_per_worker_gib: float | None = Field(None, gt=0)  # device memory budget `posttrain plan` checks
     ec2: Ec2Config | None = None
@@ -172,8 +171,8 @@ class PromotionConfig(_Strict):
 
 
 class StorageConfig(_Strict):
-    root: str = "file:///tmp/posttrain"
-    conn_id: str | None = None
+    root: NonBlank = "file:///tmp/posttrain"
+    conn_id: NonBlank | None = None
 
     @field_validator("root")
     @classmethod
@@ -185,7 +184,7 @@ class StorageConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    mlflow_uri: str | None = None  # default: sqlite:///<storage root>/<recipe name>/mlflow.db
+    mlflow_uri: NonBlank | None = None  # default: sqlite:///<storage root>/<recipe name>/mlflow.db
     peak_tflops: float | None = Field(None, gt=0)  # device peak for MFU; default: a table of known GPUs
 
 
@@ -194,9 +193,9 @@ class Recipe(_Strict):
     paradigm: Paradigm = "sft"
     description: str = ""
     schedule: str | None = None
-    trigger_on_assets: list[str] = Field(default_factory=list)
-    owner: str = "posttrain"
-    tags: list[str] = Field(default_factory=list)
+    trigger_on_assets: list[NonBlank] = Field(default_factory=list)
+    owner: NonBlank = "posttrain"
+    tags: list[NonBlank] = Field(default_factory=list)
     model: ModelConfig
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -327,9 +326,7 @@ def load_recipe(path: str | Path, import_user_code: bool = True) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(str(path), [("(file)", str(exc))]) from None
     try:
-        data = yaml.load(text, Loader=_YAML_LOADER)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "(yaml)"
-        raise RecipeError(str(path), [(where, str(getattr(exc, "problem", exc)))]) from None
+        data = load_yaml(text)
+    except YamlProblem as exc:
+        raise RecipeError(str(path), exc.problems) from None
     return parse_recipe(data, str(path), base_dir=path.resolve().parent, import_user_code=import_user_code)

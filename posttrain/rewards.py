@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from posttrain.config_base import Strict
+from posttrain.config_base import NonBlank, Strict
 
 RewardFn = Callable[..., float]
 TOTAL = "total"
@@ -187,10 +187,10 @@ class RewardSpec(Strict):
     so there only the form of an import path is checked (the first task and `posttrain validate`
     import and check them)."""
 
-    name: str
-    weight: float = 1.0
+    name: NonBlank
+    weight: float = Field(1.0, allow_inf_nan=True)  # a NaN or infinity is refused below, naming the reward
     params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None
+    label: NonBlank | None = None
 
     def __init__(self, name: str | None = None, /, **data: Any) -> None:
         # The reward's name may be given positionally, as scoring code writes RewardSpec("regex", ...).

@@ -35,9 +35,12 @@ class ResolveRecipeOperator(BaseOperator):
         # An impossible parallel plan or a model over the memory budget fails here, before a
         # cluster is started or anything is written (pure Python: reads the model's config.json).
         plan = check_plan(resolved, source=self.recipe_path)
-        if plan is not None:
+        if plan["checked"]:
             self.log.info("plan: %s on %d workers (tp %d), about %.3f GiB per device", plan["strategy"],
                           plan["world_size"], plan["tensor_parallel"], plan["total_gib_per_device"])
+        else:
+            self.log.warning("plan not checked before the cluster starts (tensor-parallel degree, memory per "
+                             "device): %s", plan["reason"])
         workspace = run_workspace(resolved.storage.root, resolved.name, context["run_id"])
         storage = StorageHook(self.storage_conn_id)
         storage.write_json_atomic(f"{workspace}/recipe.json", resolved.model_dump(mode="json"))

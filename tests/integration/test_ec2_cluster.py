@@ -146,3 +146,24 @@ def test_teardown_task_terminates_the_run_cluster_without_its_xcom(tmp_path, ec2
     assert hook.instances(info["cluster_id"]) == []
     assert len(hook.instances(other["cluster_id"])) == 2  # another run's cluster is not touched
     hook.terminate_cluster(other["cluster_id"])
+
+
+def test_gc_keeps_a_cluster_whose_run_it_cannot_find_unless_forced(ec2_network: dict) -> None:
+    """A run missing from the metadata database (another deployment's, a reset database) is not proof
+    that it is over: gc reports the cluster and leaves it, and terminates it only with --force."""
+    cfg = config(ec2_network, worker_nodes=1)
+    hook, unknown = provision(cfg, "manual__not-in-this-airflow", dag_id="posttrain__elsewhere")
+    said: list[dict] = []
+    mine = {unknown["cluster_id"]}
+
+    def run_state(dag: str, run: str) -> str | None:  # other tests' clusters count as running
+        return None if dag == "posttrain__elsewhere" else "running"
+
+    report = collect(hook, timedelta(0), run_state=run_state, announce=said.append)
+    [kept] = [c for c in report["kept"] if c["cluster_id"] in mine]
+    assert kept["action"] == "keep" and "not in this Airflow's metadata database (--force" in kept["reason"]
+    assert len(hook.instances(unknown["cluster_id"])) == 2
+    assert [e["cluster_id"] for e in said if e["cluster_id"] in mine] == [unknown["cluster_id"]]  # said first
+    forced = collect(hook, timedelta(0), run_state=run_state, force=True)
+    assert [c["cluster_id"] for c in forced["terminated"]] == [unknown["cluster_id"]]
+    assert hook.instances(unknown["cluster_id"]) == []

@@ -2,15 +2,19 @@
 2 FSDP2 policy actors, a vLLM engine on the CPU and a reward actor on a local Ray head. The format
 reward's mean rises within a bounded number of steps, the engine scores a completion as the policy
 does after each weight sync, and a job stopped mid-way resumes (policy, optimizer, prompt cursor)
-and samples exactly what the uninterrupted job samples."""
+and samples exactly what the uninterrupted job samples. A policy actor that dies fails the job at
+once, naming the actor, and the resubmitted job resumes from the last checkpoint."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from posttrain.hooks.local_ray import LocalRayCluster
 from posttrain.hooks.ray import RayJobHook
 from posttrain.recipe import load_recipe
 from tests.conftest import REPO, write_recipe
@@ -90,3 +94,30 @@ def test_grpo_with_lora_syncs_adapters_and_overlaps_rollouts(tmp_path: Path, tin
     # From step 2 on each batch was sampled while the previous update ran: one version behind.
     assert [r["stale"] for r in rows] == [0.0] + [1.0] * 5
     assert (workspace / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_a_dead_policy_actor_fails_the_job_at_once_and_a_retry_resumes(tmp_path: Path, tiny_teacher: Path,
+                                                                        ray_cluster: dict) -> None:
+    """Its peer would wait for it in a collective until the process group times out (30 minutes):
+    the controller fails the job as soon as Ray reports the actor gone, naming it."""
+    recipe = grpo_recipe(tmp_path, tiny_teacher, "grpo-actor-dies", 10)
+    workspace = new_workspace(tmp_path / "ws", recipe)
+    hook = RayJobHook(address=ray_cluster["dashboard_url"], token_file=ray_cluster["token_file"])
+    job = submit(hook, ray_cluster, workspace, "grpo-actor-dies")
+    wait_for(workspace / "checkpoints" / "step-00000005", hook, job, timeout=300)
+    actors = [p for p in LocalRayCluster.processes(ray_cluster)
+              if "ray::PolicyWorker" in " ".join(p.cmdline() if p.is_running() else [])]
+    assert len(actors) == 2, [p.cmdline() for p in actors]
+    actors[1].kill()
+    killed_at = time.monotonic()
+    status, logs = wait(hook, job, timeout=120)
+    assert status == "FAILED", logs[-3000:]
+    assert time.monotonic() - killed_at < 90
+    assert "GRPO policy actor rank" in logs and "resubmitting it resumes from the newest complete checkpoint" in logs
+    psutil.wait_procs(actors, timeout=30)
+
+    status, logs = wait(hook, submit(hook, ray_cluster, workspace, "grpo-actor-dies-retry"), timeout=600)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "resumed from step 5 (prompt 20)" in logs
+    assert sorted({r["step"] for r in records(workspace)}) == list(range(1, 11))

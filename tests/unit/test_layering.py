@@ -25,8 +25,9 @@ MAX_LINES = 400
 
 # Torch-free, airflow-free modules both sides use.
 SHARED = ("posttrain.recipe", "posttrain.paradigm_config", "posttrain.ec2_config", "posttrain.config_base",
-          "posttrain.planning", "posttrain.prep", "posttrain.rewards", "posttrain.uris", "posttrain.overrides",
-          "posttrain.eval_metrics", "posttrain.instance_types", "posttrain.paths", "posttrain.samples")
+          "posttrain.recipe_yaml", "posttrain.planning", "posttrain.prep", "posttrain.rewards", "posttrain.uris",
+          "posttrain.overrides", "posttrain.eval_metrics", "posttrain.instance_types", "posttrain.paths",
+          "posttrain.samples")
 AIRFLOW_SIDE = ("posttrain.operators", "posttrain.hooks", "posttrain.triggers", "posttrain.dags",
                 "posttrain.provider", "posttrain.links", "posttrain.gc", "posttrain.summary", "posttrain.cli",
                 "posttrain.validation")

@@ -108,3 +108,25 @@ def test_on_ec2_the_worker_gpu_is_the_memory_budget(tmp_path: Path, tiny_model: 
     assert report["device"] == "cuda" and report["param_dtype"] == "bfloat16"
     assert report["memory_per_worker_gib"] == 24 and report["fits"] is True
     assert report["activation_checkpointing"] is False and "24 GiB available" in report["reasons"][0]
+
+
+@pytest.mark.parametrize(("base", "config", "reason"), [
+    ("no-config", None, "the config.json of model.base file://{dir}/no-config does not exist"),
+    ("hf://nobody/not-cached", None, "the config.json of model.base hf://nobody/not-cached is not in the Hugging "
+                                     "Face cache (nothing is downloaded)"),
+    ("mamba", {"model_type": "mamba", "vocab_size": 10}, "model_type 'mamba' is not an architecture the plan can read"),
+])
+def test_a_plan_that_cannot_be_checked_says_so(tmp_path: Path, base: str, config: dict | None, reason: str) -> None:
+    """Never skipped silently: the first task logs what it did not check, `posttrain plan` fails saying why."""
+    if config is not None:
+        (tmp_path / base).mkdir()
+        (tmp_path / base / "config.json").write_text(json.dumps(config))
+    elif "://" not in base:
+        (tmp_path / base).mkdir()
+    path = write_recipe(tmp_path, model={"base": base})
+    report = check_plan(load_recipe(path))
+    assert report["checked"] is False and reason.format(dir=tmp_path) in report["reason"]
+    out = subprocess.run([sys.executable, "-m", "posttrain", "plan", str(path)], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    assert f"{path}: plan not checked (tensor-parallel degree, memory per device): " in out.stderr
+    assert reason.format(dir=tmp_path) in out.stderr

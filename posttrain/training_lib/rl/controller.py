@@ -47,6 +47,31 @@ class Roles:
         return self.plan["param_dtype"]
 
 
+class PolicyActorDied(RuntimeError):
+    pass
+
+
+def on_policy(calls: list[Any]) -> list[Any]:
+    """The results of one call per policy actor (object refs in rank order), as they come. The first
+    actor that dies or raises fails the job at once, named: its peers would otherwise wait for it
+    in their collectives until the process group times out. The job's checkpoints are complete or
+    absent, so resubmitting it (an Airflow retry) resumes from the newest one."""
+    rank_of = {ref: rank for rank, ref in enumerate(calls)}
+    results: list[Any] = [None] * len(calls)
+    pending = list(calls)
+    while pending:
+        [ready], pending = ray.wait(pending, num_returns=1)
+        rank = rank_of[ready]
+        try:
+            results[rank] = ray.get(ready)
+        except ray.exceptions.RayError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PolicyActorDied(
+                f"GRPO policy actor rank {rank} of {len(calls)} failed ({type(exc).__name__}: {first}); "
+                "stopping the job: resubmitting it resumes from the newest complete checkpoint") from exc
+    return results
+
+
 def start_roles(recipe: Recipe, workspace: Path, tokenizer: Any) -> Roles:
     """Policy actors (their own process group, rank 0's node as the rendezvous), rollout engines in
     the policy's precision, and the reward actor."""
@@ -54,8 +79,8 @@ def start_roles(recipe: Recipe, workspace: Path, tokenizer: Any) -> Roles:
     actor = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker)(PolicyWorker)
     policy = [actor.remote() for _ in range(c.workers)]
     host, port = ray.get(policy[0].node_address.remote())
-    infos = ray.get([p.init.remote(recipe.model_dump_json(), str(workspace), r, c.workers, f"{host}:{port}")
-                     for r, p in enumerate(policy)])
+    infos = on_policy([p.init.remote(recipe.model_dump_json(), str(workspace), r, c.workers, f"{host}:{port}")
+                       for r, p in enumerate(policy)])
     plan = infos[0]["plan"]
     base_dir = str(model_dir(recipe.model.base))
     engine = ray.remote(num_cpus=1, num_gpus=1 if c.gpus_per_worker else 0)(RolloutEngine)
@@ -95,14 +120,14 @@ def update(roles: Roles, rows: list[dict], step: int, max_steps: int, aggregatio
     empty = {"prompt_ids": [roles.pad_id], "completion_ids": [], "old_logprobs": [], "advantage": 0.0}
     for shard in shards:
         shard += [empty] * (len(shards[0]) - len(shard))
-    return ray.get([p.update.remote(shards[r // tp], step, max_steps, float(max(normalizer, 1)), roles.pad_id)
-                    for r, p in enumerate(roles.policy)])[0]
+    return on_policy([p.update.remote(shards[r // tp], step, max_steps, float(max(normalizer, 1)), roles.pad_id)
+                      for r, p in enumerate(roles.policy)])[0]
 
 
 def sync(roles: Roles, bucket_mb: int, version: int) -> None:
     """The policy's weights (after step `version`) into every engine: adapters only with LoRA, else
     the full weights in buckets."""
-    payload = ray.get([p.weights.remote(bucket_mb, roles.engine_vocab) for p in roles.policy])[0]
+    payload = on_policy([p.weights.remote(bucket_mb, roles.engine_vocab) for p in roles.policy])[0]
     if "adapter" in payload:
         ray.get([e.load_adapter.remote(payload["adapter"], payload["scaling"], payload["full_names"], version)
                  for e in roles.engines])
@@ -114,7 +139,7 @@ def check_sync(roles: Roles, ids: list[int]) -> float:
     """After a sync the engine must score a completion as the policy does: the largest difference
     of per-token log-probs of `ids` (a prompt and a completion of this step); over the tolerance the
     job fails (a precision or weight-layout mismatch would otherwise train on wrong ratios silently)."""
-    want = ray.get([p.sequence_logprobs.remote(ids) for p in roles.policy])[0]
+    want = on_policy([p.sequence_logprobs.remote(ids) for p in roles.policy])[0]
     got = ray.get(roles.engines[0].prompt_logprobs.remote(ids))
     diff = max(abs(a - b) for a, b in zip(got, want, strict=True))
     if diff > SYNC_TOLERANCE[roles.dtype]:
@@ -141,8 +166,8 @@ def step_metrics(scores: dict, rollouts: list[dict], result: dict, clock: dict, 
 
 def finish(roles: Roles, workspace: Path, max_steps: int) -> dict:
     """Export the policy (rank 0 writes model/ and adapter/), leave the process group, write the summary."""
-    model_dir_out = ray.get([p.export.remote() for p in roles.policy])[0]
-    ray.get([p.close.remote() for p in roles.policy])
+    model_dir_out = on_policy([p.export.remote() for p in roles.policy])[0]
+    on_policy([p.close.remote() for p in roles.policy])
     logged = read_metrics(workspace / "train" / "metrics.jsonl")
     summary = {"steps": max_steps, **summarize_rows(logged), "model_dir": model_dir_out, "plan": roles.plan}
     if logged:

@@ -25,7 +25,16 @@ from posttrain.prep.tokenizer import require_same_tokenizer
 from posttrain.recipe import Recipe
 from posttrain.training_lib.data.loader import read_prompts
 from posttrain.training_lib.metrics import make_step_logger
-from posttrain.training_lib.rl.controller import build_rows, check_sync, finish, start_roles, step_metrics, sync, update
+from posttrain.training_lib.rl.controller import (
+    build_rows,
+    check_sync,
+    finish,
+    on_policy,
+    start_roles,
+    step_metrics,
+    sync,
+    update,
+)
 from posttrain.training_lib.rl.prompts import PromptCursor
 from posttrain.training_lib.runtime import checkpoint_due
 from posttrain.training_lib.seeding import derive_seed
@@ -37,7 +46,7 @@ def run(recipe: Recipe, workspace: Path) -> dict:
     prompts = read_prompts(workspace, "train")
     ray.init(address="auto", log_to_driver=True)
     roles = start_roles(recipe, workspace, tokenizer)
-    step, state = ray.get([p.resume.remote() for p in roles.policy])[0]
+    step, state = on_policy([p.resume.remote() for p in roles.policy])[0]
     cursor = PromptCursor(len(prompts), t.seed, (state or {"cursor": 0})["cursor"])
     max_steps = t.max_steps or t.epochs * max(1, len(prompts) // g.prompts_per_step)
     if step:  # the engines start from the base model: give them the restored policy first
@@ -84,7 +93,7 @@ def run(recipe: Recipe, workspace: Path) -> dict:
             # The cursor from before the next batch was taken: a resume takes it again (with staleness 1
             # it is then sampled by this step's policy, not the previous one). Sampling seeds come
             # from (seed, step), so the cursor is all the controller's RNG state there is.
-            ray.get([p.save.remote(step, {"cursor": cursor_before_next}) for p in roles.policy])
+            on_policy([p.save.remote(step, {"cursor": cursor_before_next}) for p in roles.policy])
 
     logger.close()
     return finish(roles, workspace, max_steps)

@@ -7,6 +7,8 @@ cluster is, as its setup task reported it. The local Ray head lives in `posttrai
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,39 +18,19 @@ from typing import Any
 import httpx
 from airflow.sdk import BaseHook
 
-TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
-LOG_TAIL_LINES = 40
+from posttrain.hooks.ray_follow import (
+    DEFAULT_RETRY_WINDOW_S,
+    LOG_TAIL_LINES,
+    TERMINAL_STATES,
+    RayJobError,
+    RayJobTimeout,
+    async_stop_job,
+    follow_job,
+    job_outcome,
+)
 
-
-def job_outcome(job_id: str, job: dict, logs: str) -> dict[str, Any]:
-    """What a finished job reports to its task: status, message and the last lines of its log."""
-    return {"status": job["status"], "job_id": job_id, "message": job.get("message") or "",
-            "log_tail": "\n".join(logs.splitlines()[-LOG_TAIL_LINES:])}
-
-
-class RayJobError(RuntimeError):
-    pass
-
-
-class RayJobTimeout(RayJobError):
-    pass
-
-
-class JobWatch:
-    """What one look at a job does, for the hook's blocking wait and the trigger's async loop alike:
-    hand each log line not seen before to `on_log`, and give the outcome once the job is over."""
-
-    def __init__(self, job_id: str, on_log: Callable[[str], None]):
-        self.job_id = job_id
-        self.on_log = on_log
-        self.seen = 0  # characters of the log already handed on
-
-    def update(self, job: dict, logs: str) -> dict[str, Any] | None:
-        """The job's outcome when it is in a terminal state, else None."""
-        for line in logs[self.seen:].splitlines():
-            self.on_log(line)
-        self.seen = len(logs)
-        return job_outcome(self.job_id, job, logs) if job.get("status") in TERMINAL_STATES else None
+__all__ = ["LOG_TAIL_LINES", "TERMINAL_STATES", "RayClusterRef", "RayJobError", "RayJobHook", "RayJobTimeout",
+           "job_outcome"]
 
 
 class RayJobHook(BaseHook):
@@ -91,7 +73,8 @@ class RayJobHook(BaseHook):
         with httpx.Client(base_url=base, headers=headers, timeout=self.timeout) as client:
             response = client.request(method, path, **kwargs)
         if response.status_code != 200:
-            raise RayJobError(f"{method} {base}{path}: HTTP {response.status_code}: {response.text[:500]}")
+            raise RayJobError(f"{method} {base}{path}: HTTP {response.status_code}: {response.text[:500]}",
+                              response.status_code)
         return response.json()
 
     def submit_job(self, entrypoint: str, submission_id: str, runtime_env: dict | None = None,
@@ -107,7 +90,7 @@ class RayJobHook(BaseHook):
         try:
             return self._request("GET", f"/api/jobs/{job_id}")
         except RayJobError as exc:
-            if "HTTP 404" in str(exc):
+            if exc.status_code == 404:
                 return None
             raise
 
@@ -117,15 +100,35 @@ class RayJobHook(BaseHook):
     def stop_job(self, job_id: str) -> bool:
         return bool(self._request("POST", f"/api/jobs/{job_id}/stop").get("stopped"))
 
-    async def async_job_and_logs(self, job_id: str) -> tuple[dict, str]:
-        """Status and full log in one round trip pair, without blocking the triggerer's loop."""
+    def stop_and_wait(self, job_id: str, timeout: float, poll_interval: float = 1.0) -> str | None:
+        """Stop the job unless it is over, and wait (at most `timeout` s) until it is. Returns the
+        status it was in when asked (None: the cluster has no such job)."""
+        job = self.get_job(job_id)
+        if job is None or job["status"] in TERMINAL_STATES:
+            return job and job["status"]
+        self.stop_job(job_id)
+        deadline = time.monotonic() + timeout
+        while (now := self.get_job(job_id)) is not None and now["status"] not in TERMINAL_STATES:
+            if time.monotonic() > deadline:
+                raise RayJobTimeout(f"Ray job {job_id} was asked to stop but is still {now['status']} "
+                                    f"after {timeout:.0f}s")
+            time.sleep(poll_interval)
+        return job["status"]
+
+    async def async_stop_job(self, job_id: str) -> bool:
+        """Stop the job without blocking the triggerer's loop (no wait for it to be over)."""
         base, headers = self._endpoint()
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=self.timeout) as client:
-            job = await client.get(f"/api/jobs/{job_id}")
-            logs = await client.get(f"/api/jobs/{job_id}/logs")
-        if job.status_code != 200:
-            raise RayJobError(f"GET {base}/api/jobs/{job_id}: HTTP {job.status_code}: {job.text[:500]}")
-        return job.json(), logs.json().get("logs", "") if logs.status_code == 200 else ""
+            return await async_stop_job(client, job_id)
+
+    async def follow_job(self, job_id: str, on_lines: Callable[[list[str]], None],
+                         retry_window_s: float = DEFAULT_RETRY_WINDOW_S, poll_interval: float = 2.0,
+                         **kwargs: Any) -> dict[str, Any]:
+        """Follow the job to its end, each log line handed to `on_lines` once and in order (see
+        `posttrain.hooks.ray_follow.follow_job`); returns `job_outcome(...)`."""
+        base, headers = self._endpoint()
+        return await follow_job(base, headers, job_id, on_lines, retry_window_s=retry_window_s,
+                                http_timeout=self.timeout, poll_interval=poll_interval, **kwargs)
 
     def wait_ready(self, timeout: float) -> None:
         """Until the Jobs API answers, at most `timeout` seconds."""
@@ -140,20 +143,32 @@ class RayJobHook(BaseHook):
                 time.sleep(1.0)
 
     def wait_for_job(self, job_id: str, timeout: float, on_log: Callable[[str], None],
-                     poll_interval: float = 2.0) -> dict[str, Any]:
-        """Until the job is over, handing each new log line to `on_log`; returns `job_outcome(...)`.
-        A job still running after `timeout` seconds is stopped (nobody would be watching it)."""
-        deadline, watch = time.monotonic() + timeout, JobWatch(job_id, on_log)
-        while True:
-            job = self.get_job(job_id)
-            if job is None:
-                raise RayJobError(f"the Ray cluster has no job {job_id}")
-            if (outcome := watch.update(job, self.get_job_logs(job_id))) is not None:
-                return outcome
-            if time.monotonic() > deadline:
-                self.stop_job(job_id)
-                raise RayJobTimeout(f"Ray job {job_id} did not finish within {timeout:.0f}s; stopped it")
-            time.sleep(poll_interval)
+                     poll_interval: float = 2.0, retry_window_s: float = DEFAULT_RETRY_WINDOW_S) -> dict[str, Any]:
+        """Until the job is over, handing each log line to `on_log` once, in order (the trigger's
+        follower, run here); returns `job_outcome(...)`. A job still running after `timeout` seconds
+        is stopped (nobody would be watching it)."""
+
+        base, headers = self._endpoint()  # outside the loop: reading a connection may block
+
+        def each(lines: list[str]) -> None:
+            for line in lines:
+                on_log(line)
+
+        async def follow() -> dict[str, Any]:
+            return await asyncio.wait_for(follow_job(base, headers, job_id, each, retry_window_s=retry_window_s,
+                                                     http_timeout=self.timeout, poll_interval=poll_interval),
+                                          timeout)
+
+        try:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # no loop in this thread (a task's execute): run one here
+                return asyncio.run(follow())
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # inside a loop: follow in a thread
+                return pool.submit(asyncio.run, follow()).result()
+        except TimeoutError:
+            self.stop_job(job_id)
+            raise RayJobTimeout(f"Ray job {job_id} did not finish within {timeout:.0f}s; stopped it") from None
 
     def alive_nodes(self) -> int:
         """Nodes the cluster reports alive (the dashboard's node summary)."""

@@ -1,6 +1,12 @@
 """Stages that run as Ray jobs: submit `posttrain.training_lib.entrypoint <stage>`, then wait in
 the triggerer (deferrable) or in the hook here, and fail with the job's last log lines if the job
-fails."""
+fails.
+
+No job outlives the try that started it: before submitting try N, the jobs of tries 1..N-1 still
+running are stopped and waited for (two tries writing one checkpoint folder would lose data); a
+try that fails, times out (execution or deferral timeout) or is killed stops its job. While
+deferred, the trigger stops the job when the task is ended from outside (`RayJobTrigger.on_kill`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.configuration import conf
 from airflow.sdk.exceptions import AirflowException
 
+from posttrain.hooks.ray_follow import DEFAULT_RETRY_WINDOW_S, TERMINAL_STATES, describe
 from posttrain.links import RayDashboardLink
 from posttrain.operators.base import PosttrainOperator
 from posttrain.paths import safe_name
@@ -29,11 +36,17 @@ class RayJobOperator(PosttrainOperator):
     operator_extra_links = (RayDashboardLink(),)
 
     def __init__(self, *, cluster: dict[str, Any] | str, poll_interval: float = 2.0, timeout_s: float = 24 * 3600,
+                 retry_window_s: float = DEFAULT_RETRY_WINDOW_S, stop_timeout_s: float = 120.0,
                  deferrable: bool | None = None, **kwargs: Any):
+        """`retry_window_s`: how long the dashboard may keep failing transiently (connection
+        refused/reset, 5xx, timeouts) while the job is followed before the task fails;
+        `stop_timeout_s`: how long to wait for an earlier try's job to be over after stopping it."""
         super().__init__(**kwargs)
         self.cluster = cluster
         self.poll_interval = poll_interval
         self.timeout_s = timeout_s
+        self.retry_window_s = retry_window_s
+        self.stop_timeout_s = stop_timeout_s
         # Read when the DAG is built, not when this module is imported.
         self.deferrable = (conf.getboolean("operators", "default_deferrable", fallback=True)
                            if deferrable is None else deferrable)
@@ -51,10 +64,38 @@ class RayJobOperator(PosttrainOperator):
     def hook(self) -> RayJobHook:
         return self.cluster_ref.hook()
 
+    def job_id_of(self, ti: Any, try_number: int) -> str:
+        """One job per try: a retried task submits afresh (and training resumes from its checkpoint)."""
+        return safe_name(f"posttrain-{ti.dag_id}-{ti.run_id}-{self.stage}-try{try_number}")
+
+    def stop_earlier_tries(self, ti: Any) -> None:
+        """Stop the jobs of this task's earlier tries that are not over, and wait until they are."""
+        for try_number in range(1, ti.try_number):
+            job_id = self.job_id_of(ti, try_number)
+            was = self.hook.stop_and_wait(job_id, timeout=self.stop_timeout_s)
+            if was is not None and was not in TERMINAL_STATES:
+                self.log.warning("stopped Ray job %s of try %d (it was %s) before starting try %d",
+                                 job_id, try_number, was, ti.try_number)
+
+    def stop_job_quietly(self, job_id: str | None, why: str) -> None:
+        """Best effort: stop the job, logging what happened (the task is failing anyway)."""
+        if not job_id:
+            return
+        try:
+            job = self.hook.get_job(job_id)
+            if job is None or job["status"] in TERMINAL_STATES:
+                self.log.info("Ray job %s is %s (%s): nothing to stop", job_id,
+                              job["status"] if job else "unknown to the cluster", why)
+                return
+            self.hook.stop_job(job_id)
+            self.log.warning("stopped Ray job %s (%s)", job_id, why)
+        except Exception as exc:
+            self.log.error("could not stop Ray job %s (%s): %s", job_id, why, describe(exc))
+
     def execute(self, context: Any) -> Any:
         ti = context["ti"]
-        # One job per try: a retried task submits afresh (and training resumes from its checkpoint).
-        self.job_id = safe_name(f"posttrain-{ti.dag_id}-{ti.run_id}-{self.stage}-try{ti.try_number}")
+        self.job_id = self.job_id_of(ti, ti.try_number)
+        self.stop_earlier_tries(ti)
         if self.hook.get_job(self.job_id) is None:
             entrypoint = (f"{shlex.quote(self.cluster_ref.python)} -m posttrain.training_lib.entrypoint "
                           f"{self.stage} --workspace {shlex.quote(self.workspace)}")
@@ -66,10 +107,16 @@ class RayJobOperator(PosttrainOperator):
             from posttrain.triggers.ray import RayJobTrigger
 
             self.defer(trigger=RayJobTrigger(job_id=self.job_id, poll_interval=self.poll_interval,
+                                             retry_window_s=self.retry_window_s,
                                              **self.cluster_ref.trigger_kwargs()),
                        method_name="execute_complete", timeout=self.timeout_s)
-        return self.execute_complete(context, self.hook.wait_for_job(
-            self.job_id, self.timeout_s, self._log_job_line, poll_interval=self.poll_interval))
+        try:
+            outcome = self.hook.wait_for_job(self.job_id, self.timeout_s, self._log_job_line,
+                                             poll_interval=self.poll_interval, retry_window_s=self.retry_window_s)
+        except BaseException as exc:  # the dashboard kept failing, or the task is being ended
+            self.stop_job_quietly(self.job_id, f"the task stopped waiting for it: {describe(exc)}")
+            raise
+        return self.execute_complete(context, outcome)
 
     def _log_job_line(self, line: str) -> None:
         self.log.info("[ray job %s] %s", self.job_id, line)
@@ -77,14 +124,24 @@ class RayJobOperator(PosttrainOperator):
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> Any:
         if not event:
             raise RayJobFailed(f"{self.task_id}: no event from the Ray job trigger")
+        self.job_id = event.get("job_id") or self.job_id
+        if event["status"] not in TERMINAL_STATES:  # the trigger gave up on a job that may still run
+            self.stop_job_quietly(self.job_id, f"following it failed: {event['message']}")
         if event["status"] != "SUCCEEDED":
             raise RayJobFailed(f"Ray job {event['job_id']} {event['status']}: {event['message']}\n"
                                f"--- last lines of the job log ---\n{event['log_tail']}")
         return self.result(context)
 
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Any) -> Any:
+        if next_method == "__fail__":  # the trigger failed or its deferral timeout expired
+            ti, error = context["ti"], (next_kwargs or {}).get("error", "unknown")
+            self.stop_job_quietly(self.job_id_of(ti, ti.try_number), f"the trigger ended: {error}")
+        return super().resume_execution(next_method, next_kwargs, context)
+
     def result(self, context: Any) -> Any:
         return None
 
     def on_kill(self) -> None:
-        if self.job_id:
-            self.hook.stop_job(self.job_id)
+        """Called on SIGTERM ("Mark as failed" / "Clear" while the task runs) and when the
+        execution timeout expires (Airflow 3.3's task runner does both)."""
+        self.stop_job_quietly(self.job_id, "the task was killed")

@@ -15,7 +15,7 @@ export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 TINY := $(POSTTRAIN_HOME)/models/tiny
 
-.PHONY: venv tiny-model demo test lint clean
+.PHONY: venv tiny-model system-deps demo test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,8 +40,19 @@ demo: tiny-model
 lint: $(STAMP)
 	$(BIN)/ruff check posttrain tests benchmarks dags
 
+# tests/deployment runs a real Airflow on PostgreSQL and drives its UI in Chromium, both from
+# Debian's packages (CI starts from a fresh machine as root); nothing is installed when both exist.
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
+system-deps:
+	@missing="$(if $(PG_INITDB),, postgresql)$(if $(wildcard /usr/bin/chromium),, chromium)"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			$$missing >/dev/null || { echo "could not install$$missing: run as root, or install them" >&2; exit 1; }; \
+	fi
+
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
-test: lint tiny-model
+test: lint tiny-model system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

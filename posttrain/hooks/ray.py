@@ -100,6 +100,13 @@ class RayJobHook(BaseHook):
     def stop_job(self, job_id: str) -> bool:
         return bool(self._request("POST", f"/api/jobs/{job_id}/stop").get("stopped"))
 
+    def running_jobs(self, **metadata: str) -> list[str]:
+        """Ids of the jobs not yet over whose submission metadata holds every given key and value
+        (the operators submit with dag_id, run_id and task_id)."""
+        return [job["submission_id"] for job in self._request("GET", "/api/jobs/")
+                if job.get("status") not in TERMINAL_STATES and job.get("submission_id")
+                and all((job.get("metadata") or {}).get(k) == v for k, v in metadata.items())]
+
     def stop_and_wait(self, job_id: str, timeout: float, poll_interval: float = 1.0) -> str | None:
         """Stop the job unless it is over, and wait (at most `timeout` s) until it is. Returns the
         status it was in when asked (None: the cluster has no such job)."""

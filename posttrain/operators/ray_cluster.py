@@ -92,7 +92,7 @@ class RayClusterTeardownOperator(PosttrainOperator):
             return {"stopped": 0}
         if info["provider"] != "local":
             self.log.info("cluster %s is not ours to stop", info.get("ray_conn_id"))
-            return {"stopped": 0}
+            return {"stopped": 0, "jobs_stopped": self._stop_run_jobs(context, info)}
         stopped = LocalRayCluster.stop(info)
         left = LocalRayCluster.processes(info)
         if left:
@@ -100,6 +100,19 @@ class RayClusterTeardownOperator(PosttrainOperator):
                                + ", ".join(str(p.pid) for p in left))
         self.log.info("stopped Ray head %s (%d processes)", info["cluster_id"], stopped)
         return {"stopped": stopped}
+
+    def _stop_run_jobs(self, context: Any, info: dict[str, Any]) -> list[str]:
+        """On a cluster that outlives the run, no job of the run may go on: a task ended while its
+        trigger was not running yet (marked failed just after it deferred) leaves a job nobody
+        stops. The teardown stops every job submitted for this run."""
+        from posttrain.hooks.ray import RayClusterRef
+
+        hook = RayClusterRef.from_info(info).hook()
+        jobs = hook.running_jobs(dag_id=context["ti"].dag_id, run_id=context["run_id"])
+        for job_id in jobs:
+            status = hook.stop_and_wait(job_id, timeout=120)
+            self.log.warning("stopped Ray job %s of this run (it was %s): the run is over", job_id, status)
+        return jobs
 
     def _ec2_recipe(self) -> Any:
         """The recipe's EC2 settings, when this run's cluster is on EC2 (None otherwise)."""

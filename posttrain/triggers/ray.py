@@ -18,6 +18,7 @@ the deferral timeout the task resumes on a worker, which stops the job (`RayJobO
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +26,11 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from posttrain.hooks.ray import RayJobHook
 from posttrain.hooks.ray_follow import DEFAULT_RETRY_WINDOW_S, describe
+
+# How long on_kill waits for the task's state before it stops the job anyway.
+STATE_READ_TIMEOUT_S = 10.0
+# Stops in flight: asyncio keeps only weak references to tasks.
+_STOPPING: set[asyncio.Task] = set()
 
 
 def should_stop_job_on_kill(task_state: str | None, read_error: str | None = None) -> tuple[bool, str]:
@@ -100,10 +106,21 @@ class RayJobTrigger(BaseTrigger):
     async def on_kill(self) -> None:
         """Airflow 3.3 calls this when the trigger is cancelled by an action on its task (not on a
         triggerer restart or shutdown, not on the deferral timeout)."""
+        # The triggerer cancels the trigger's task again on every pass of its loop until that task
+        # has ended, which would cut this short (and Airflow swallows that cancellation): the
+        # decision and the stop run in a task of their own, shielded from it.
+        task = asyncio.create_task(self._stop_unless_deferred(), name=f"stop Ray job {self.job_id}")
+        _STOPPING.add(task)
+        task.add_done_callback(_STOPPING.discard)
+        await asyncio.shield(task)
+
+    async def _stop_unless_deferred(self) -> None:
+        self.log.info("trigger of Ray job %s cancelled by an action on its task: reading the task's state",
+                      self.job_id)
         try:
-            state, error = await self.task_state(), None
+            state, error = await asyncio.wait_for(self.task_state(), timeout=STATE_READ_TIMEOUT_S), None
         except Exception as exc:
-            state, error = None, describe(exc)
+            state, error = None, describe(exc) if str(exc) else type(exc).__name__
         stop, why = should_stop_job_on_kill(state, error)
         if not stop:
             self.log.info("trigger of Ray job %s cancelled: %s", self.job_id, why)

@@ -96,6 +96,9 @@ class DataConfig(_Strict):
     eval: NonBlank | None = Field(None, description="Evaluation data: a JSONL file of the same format (path or URI)")
     max_seq_len: int = Field(2048, gt=0, le=1_048_576)
     train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
+    fold_system_prompt: bool = Field(False, description="Merge a leading system message into the first user turn "
+                                     "(system text, a blank line, user text) before the chat template renders it, "
+                                     "for templates without a system role (Gemma 2)")
     packing: PackingConfig = Field(default_factory=PackingConfig)
     validation: DataValidationConfig = Field(default_factory=DataValidationConfig)
 

@@ -1,10 +1,17 @@
 """Chat rendering with the model's own template, and the loss mask over assistant tokens.
 
-Most real chat templates carry no `{% generation %}` markers, so the assistant spans are found by
-rendering growing prefixes of the conversation: the text an assistant turn adds is what lies
-between the render of the turns before it (with the generation prompt) and the render including
-it. That only works when rendering is append-only; a template that rewrites earlier turns is
-refused rather than trained on wrong tokens.
+A reply trains as the model produces it at inference time: the prompt is the template's render of
+the turns before it with the generation prompt, and the reply is what the template renders after
+that prompt, up to and including the end-of-turn token (the special token that closes an assistant
+reply; a newline or an end-of-sequence token the template adds after it never trains).
+
+Most templates render conversations append-only: every reply of a conversation then lies in one
+document, the conversation rendered once. Templates that rewrite earlier turns when later ones are
+added (Qwen3 and DeepSeek-R1 drop the reasoning of earlier replies; Mistral v0.3 moves the system
+prompt to the last user turn) give one document per reply that does not extend the document before
+it, each with the history rendered as the template renders it for that reply. Templates with
+`{% generation %}` markers say themselves which tokens are the assistant's; the end-of-turn token
+right after a marked block trains too, and whitespace at a block's edges does not.
 """
 
 from __future__ import annotations
@@ -13,12 +20,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2.exceptions import TemplateError as JinjaTemplateError
+
 ROLES = ("system", "user", "assistant")
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Stand-ins for message text when probing a template's layout: plain words survive trim, split, etc.
+_USER, _USER2, _REPLY = "PosttrainProbeQuestion", "PosttrainProbeFollowup", "PosttrainProbeReply"
 
 
 class TemplateError(ValueError):
-    """The chat template makes assistant masks impossible to derive."""
+    """The chat template refuses a conversation, or makes its assistant tokens impossible to find."""
 
 
 @dataclass
@@ -27,31 +38,138 @@ class Tokenized:
     assistant_mask: list[bool]  # True where the token is part of an assistant reply (trains)
 
 
+@dataclass(frozen=True)
+class TemplateShape:
+    """How a template lays out one assistant reply, probed by rendering a one-turn conversation."""
+    end_of_turn: str | None  # the special token that closes a reply (None: the template has none)
+    lead: str  # text a reply starts with that the generation prompt does not hold (Mistral's " ")
+    prefill: str  # text the generation prompt puts inside the reply (DeepSeek-R1's "<think>\n")
+
+
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except JinjaTemplateError as exc:
+        hint = ""
+        if messages and messages[0]["role"] == "system":
+            hint = ("; if the template does not support a system turn, set data.fold_system_prompt: true to "
+                    "merge the system prompt into the first user turn")
+        raise TemplateError(f"the chat template refuses this conversation: {exc!s} (a rule of the template "
+                            f"itself){hint}") from exc
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict], first: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendered text and the [start, end) character spans of every assistant reply from
-    message `first` on, each including the end-of-turn marker but not the whitespace after it."""
-    full = _render(tokenizer, messages, generation_prompt=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < first:
-            continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        if not full.startswith(upto) or not upto.startswith(before):
-            raise TemplateError(
-                "the chat template does not render conversations append-only (it rewrites or drops earlier "
-                f"turns when later ones are added; first seen at message {i}), so assistant tokens cannot be "
-                "located; give the template {% generation %} markers or use a template that keeps turns")
-        start, end = len(before), len(upto.rstrip())
-        content = message["content"].strip()
-        if content and content not in full[start:end]:
-            raise TemplateError(f"the chat template does not reproduce assistant message {i} verbatim")
-        spans.append((start, end))
-    return full, spans
+def fold_system_prompt(messages: list[dict]) -> list[dict]:
+    """The conversation with a leading system message merged into the first user turn
+    (system text, a blank line, user text), for templates without a system role."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return messages
+    first = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [first, *messages[2:]]
+
+
+def _added_tokens(tokenizer: Any) -> list[str]:
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return sorted({str(getattr(t, "content", t)) for t in decoder.values()}, key=len, reverse=True)
+
+
+def _special_at(tokenizer: Any, text: str) -> str | None:
+    """The added (special) token `text` starts with, after any whitespace."""
+    rest = text.lstrip()
+    return next((t for t in _added_tokens(tokenizer) if t and rest.startswith(t)), None)
+
+
+_SHAPES: dict[tuple, TemplateShape] = {}
+
+
+def template_shape(tokenizer: Any) -> TemplateShape:
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, len(tokenizer))
+    if key not in _SHAPES:
+        user = {"role": "user", "content": _USER}
+        prompt = _render(tokenizer, [user], True)
+        one = _render(tokenizer, [user, {"role": "assistant", "content": _REPLY}], False)
+        at = one.find(_REPLY)
+        if at < 0:
+            raise TemplateError("the chat template does not render an assistant message's content")
+        before = one[:at]
+        lead = before[len(prompt):] if before.startswith(prompt) else ""
+        prefill = prompt[len(before):] if prompt.startswith(before) and not lead else ""
+        # The end-of-turn token: the special token right after a reply that another turn follows
+        # (the last reply of a conversation may be left open by the template, or be followed by EOS).
+        two = _render(tokenizer, [user, {"role": "assistant", "content": _REPLY}, {"role": "user", "content": _USER2}],
+                      False)
+        after = two[two.find(_REPLY) + len(_REPLY):]
+        _SHAPES[key] = TemplateShape(_special_at(tokenizer, after), lead, prefill)
+    return _SHAPES[key]
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The special token the chat template closes an assistant reply with (`<|eot_id|>`,
+    `<end_of_turn>`, `<|end|>`, `<|im_end|>`, ...), or None without a template or such a token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return template_shape(tokenizer).end_of_turn
+
+
+def _close(tail: str, end_of_turn: str | None) -> str:
+    """A reply: `tail` up to and including its end-of-turn token (added if the template leaves the
+    last reply of a conversation open)."""
+    if end_of_turn is None:
+        return tail.rstrip()
+    cut = tail.find(end_of_turn)
+    return tail[:cut + len(end_of_turn)] if cut >= 0 else tail.rstrip() + end_of_turn
+
+
+def _reply_as_last_turn(tokenizer: Any, messages: list[dict], i: int, full: str) -> str:
+    """Message i's content as the template renders it when it is the last turn; its raw content
+    when the template drops part of it even then (DeepSeek-R1 drops every reply's reasoning)."""
+    raw = messages[i]["content"]
+    probe = _render(tokenizer, messages[:i] + [{**messages[i], "content": _REPLY}], False)
+    at = probe.find(_REPLY)
+    if at >= 0:
+        before, after = probe[:at], probe[at + len(_REPLY):]
+        if full.startswith(before) and full.endswith(after) and len(full) - len(after) >= len(before):
+            body = full[len(before):len(full) - len(after)]
+            if raw.strip() in body:
+                return body
+    return raw
+
+
+def reply_turn(tokenizer: Any, messages: list[dict], i: int) -> tuple[str, str]:
+    """(prompt, reply) for assistant message i as the model meets it at inference time: the turns
+    before it rendered with the generation prompt, and the text it must produce after that prompt,
+    ending with its end-of-turn token."""
+    shape = template_shape(tokenizer)
+    prompt = _render(tokenizer, messages[:i], True)
+    full = _render(tokenizer, messages[:i + 1], False)
+    if full.startswith(prompt):
+        return prompt, _close(full[len(prompt):], shape.end_of_turn)
+    # The render with the reply is no extension of the prompt: the generation prompt pre-fills part
+    # of the reply, or the template renders the history differently once the reply is added.
+    body = _reply_as_last_turn(tokenizer, messages, i, full)
+    if shape.prefill:
+        if body.startswith(shape.prefill):
+            body = body[len(shape.prefill):]
+        elif shape.prefill.strip() and body.lstrip().startswith(shape.prefill.strip()):
+            body = body.lstrip()[len(shape.prefill.strip()):].lstrip("\n")
+    return prompt, shape.lead + body + (shape.end_of_turn or "")
+
+
+def _documents(tokenizer: Any, messages: list[dict], trained: list[int]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Texts with the [start, end) character spans that train: a reply joins the document before it
+    when its prompt extends that document, else it starts a new one."""
+    docs: list[tuple[str, list[tuple[int, int]]]] = []
+    for i in trained:
+        prompt, reply = reply_turn(tokenizer, messages, i)
+        span = (len(prompt), len(prompt) + len(reply))
+        if docs and prompt.startswith(docs[-1][0]):
+            docs[-1] = (prompt + reply, [*docs[-1][1], span])
+        else:
+            docs.append((prompt + reply, [span]))
+    if docs:  # what the template renders after the last reply (a newline, an EOS) stays, untrained
+        full = _render(tokenizer, messages, False)
+        if full.startswith(docs[-1][0]):
+            docs[-1] = (full, docs[-1][1])
+    return docs
 
 
 def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
@@ -66,10 +184,36 @@ def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]
 
 
 def _marker_mask(tokenizer: Any, messages: list[dict]) -> Tokenized:
-    """Templates with {% generation %} markers say themselves which tokens are the assistant's."""
+    """Templates with {% generation %} markers say themselves which tokens are the assistant's. A
+    marked run loses the whitespace-only tokens at its edges (the newline after a role header or
+    after the end-of-turn token) and gains the end-of-turn token right after it, if the markers
+    left it out: the model must learn to stop."""
     enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
-    return Tokenized(input_ids=list(enc["input_ids"]), assistant_mask=[bool(m) for m in enc["assistant_masks"]])
+    ids, mask = list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
+    eot = end_of_turn_token(tokenizer)
+    eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
+    blank = {t: not tokenizer.decode([t]).strip() for t in set(ids)}
+    i = 0
+    while i < len(ids):
+        if not mask[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and mask[j]:
+            j += 1
+        start, end = i, j
+        while start < end and blank[ids[start]] and ids[start] != eot_id:
+            mask[start] = False
+            start += 1
+        while end > start and blank[ids[end - 1]] and ids[end - 1] != eot_id:
+            end -= 1
+            mask[end] = False
+        if end > start and ids[end - 1] != eot_id and end < len(ids) and ids[end] == eot_id:
+            mask[end] = True
+            j = end + 1
+        i = j
+    return Tokenized(ids, mask)
 
 
 def _keep_last_turn(tok: Tokenized) -> Tokenized:
@@ -82,22 +226,40 @@ def _keep_last_turn(tok: Tokenized) -> Tokenized:
     return Tokenized(tok.input_ids, [start <= i <= end for i in range(len(mask))])
 
 
-def tokenize_chat(tokenizer: Any, messages: list[dict], last_turn_only: bool = False,
-                  train_from_message: int = 0) -> Tokenized:
-    """Token ids of the rendered conversation and which of them belong to assistant replies
-    (every reply, only the last one, or those from message `train_from_message` on: the
-    completion of a preference pair)."""
+def chat_examples(tokenizer: Any, messages: list[dict], last_turn_only: bool = False,
+                  train_from_message: int = 0) -> list[Tokenized]:
+    """The training examples of one conversation: token ids and which of them train (every reply,
+    only the last one, or those from message `train_from_message` on: the completion of a
+    preference pair). One example unless the template rewrites earlier turns (see the module)."""
     if _GENERATION_MARKER.search(tokenizer.chat_template or ""):
         tok = _marker_mask(tokenizer, messages)
         if train_from_message:
             prefix = len(tokenizer.apply_chat_template(messages[:train_from_message], tokenize=True,
                                                        add_generation_prompt=True, return_dict=False))
             tok.assistant_mask[:prefix] = [False] * min(prefix, len(tok.assistant_mask))
-    else:
-        text, spans = assistant_spans(tokenizer, messages, first=train_from_message)
+        return [_keep_last_turn(tok) if last_turn_only else tok]
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= train_from_message]
+    if last_turn_only:
+        trained = trained[-1:]
+    if not trained:
+        return []
+    out = []
+    for text, spans in _documents(tokenizer, messages, trained):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        tok = Tokenized(input_ids=list(enc["input_ids"]), assistant_mask=_mask_from_spans(enc["offset_mapping"], spans))
-    return _keep_last_turn(tok) if last_turn_only else tok
+        out.append(Tokenized(list(enc["input_ids"]), _mask_from_spans(enc["offset_mapping"], spans)))
+    return out
+
+
+def tokenize_chat(tokenizer: Any, messages: list[dict], last_turn_only: bool = False,
+                  train_from_message: int = 0) -> Tokenized:
+    """The conversation as one example (see chat_examples); a template that rewrites earlier turns
+    can need several for several trained replies, and then this raises."""
+    examples = chat_examples(tokenizer, messages, last_turn_only, train_from_message)
+    if len(examples) != 1:
+        raise TemplateError(
+            f"the chat template renders the trained replies of this conversation as {len(examples)} examples "
+            "(it rewrites earlier turns when later ones are added), not one sequence")
+    return examples[0]
 
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:

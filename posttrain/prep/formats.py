@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from posttrain.prep.chat import tokenize_chat
+from posttrain.prep.chat import fold_system_prompt, tokenize_chat
 
 
 def _write(table: dict[str, Any], path: Path) -> None:
@@ -27,15 +27,16 @@ def _write(table: dict[str, Any], path: Path) -> None:
 
 
 def prepare_preference(tokenizer: Any, rows: Iterable[dict], max_len: int, overlong: str, out_dir: Path,
-                       split: str) -> dict:
+                       split: str, fold_system: bool = False) -> dict:
     import pyarrow as pa
 
     cols: dict[str, list] = {"chosen_input_ids": [], "chosen_mask": [], "rejected_input_ids": [], "rejected_mask": []}
     n_rows = truncated = dropped = 0
     for row in rows:
         n_rows += 1
-        k = len(row["prompt"])
-        sides = {side: tokenize_chat(tokenizer, row["prompt"] + row[side], train_from_message=k)
+        prompt = fold_system_prompt(row["prompt"]) if fold_system else row["prompt"]
+        k = len(prompt)
+        sides = {side: tokenize_chat(tokenizer, prompt + row[side], train_from_message=k)
                  for side in ("chosen", "rejected")}
         if any(len(t.input_ids) > max_len for t in sides.values()):
             if overlong == "drop":
@@ -56,20 +57,20 @@ def prepare_preference(tokenizer: Any, rows: Iterable[dict], max_len: int, overl
 
 
 def prepare_prompts(tokenizer: Any, rows: Iterable[dict], max_len: int, out_dir: Path, split: str,
-                    min_new_tokens: int = 1) -> dict:
+                    min_new_tokens: int = 1, fold_system: bool = False) -> dict:
     import pyarrow as pa
 
     ids, prompts, answers = [], [], []
     n_rows = dropped = 0
     for row in rows:
         n_rows += 1
-        tokens = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True,
-                                               return_dict=False)
+        prompt = fold_system_prompt(row["prompt"]) if fold_system else row["prompt"]
+        tokens = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
         if len(tokens) + min_new_tokens > max_len:
             dropped += 1
             continue
         ids.append(tokens)
-        prompts.append(json.dumps(row["prompt"]))
+        prompts.append(json.dumps(prompt))
         answers.append(row.get("answer"))
     name = f"{split}-prompts-00000.parquet"
     _write({"prompt_input_ids": pa.array(ids, type=pa.list_(pa.int32())), "prompt": pa.array(prompts, pa.string()),

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import fsspec
 
-from posttrain.prep.chat import tokenize_chat
+from posttrain.prep.chat import TemplateError, chat_examples, fold_system_prompt
 from posttrain.prep.formats import prepare_preference, prepare_prompts
 from posttrain.prep.packing import Block, pack
 from posttrain.prep.tokenizer import TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
@@ -84,17 +84,20 @@ def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split
     data = recipe.data
     rows = (row for _lineno, row in read_jsonl(uri, open_binary))
     if data.format == "preference":
-        stats = prepare_preference(tokenizer, rows, data.max_seq_len, data.packing.overlong, out_dir, split)
+        stats = prepare_preference(tokenizer, rows, data.max_seq_len, data.packing.overlong, out_dir, split,
+                                   fold_system=data.fold_system_prompt)
     elif data.format == "prompt":
         # A prompt must leave room for the completions RL samples (max_seq_len bounds the prompt).
         stats = prepare_prompts(tokenizer, rows, data.max_seq_len, out_dir, split,
-                                min_new_tokens=1 if recipe.grpo is None else 0)
+                                min_new_tokens=1 if recipe.grpo is None else 0, fold_system=data.fold_system_prompt)
     else:
         stats = prepare_chat(tokenizer, uri, recipe, out_dir, split, open_binary)
     overlong = stats.get("truncated", 0) + stats["dropped_overlong"]
-    if stats["rows"] and overlong / stats["rows"] > data.validation.max_overlong_fraction:
+    examples = stats.get("examples", stats["rows"])  # a chat row can give several examples (see chat_examples)
+    if examples and overlong / examples > data.validation.max_overlong_fraction:
         raise OverlongData(
-            f"{uri}: {overlong} of {stats['rows']} rows ({overlong / stats['rows']:.1%}) are longer than "
+            f"{uri}: {overlong} of {examples} {'rows' if examples == stats['rows'] else 'examples'} "
+            f"({overlong / examples:.1%}) are longer than "
             f"data.max_seq_len {data.max_seq_len}, more than data.validation.max_overlong_fraction "
             f"{data.validation.max_overlong_fraction:.1%}: raise max_seq_len or the fraction, or filter the data")
     return stats
@@ -103,26 +106,37 @@ def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split
 def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split: str,
                  open_binary: Opener | None = None) -> dict:
     max_len = recipe.data.max_seq_len
-    docs, rows, truncated, dropped, no_target = [], 0, 0, 0, 0
-    for _lineno, row in read_jsonl(uri, open_binary):
+    docs, rows, examples, expanded, truncated, dropped, no_target = [], 0, 0, 0, 0, 0, 0
+    for lineno, row in read_jsonl(uri, open_binary):
         rows += 1
-        tok = tokenize_chat(tokenizer, row["messages"], last_turn_only=recipe.data.train_on == "last_assistant_turn")
-        ids, mask = tok.input_ids, tok.assistant_mask
-        if len(ids) > max_len:
-            if recipe.data.packing.overlong == "drop":
-                dropped += 1
+        messages = fold_system_prompt(row["messages"]) if recipe.data.fold_system_prompt else row["messages"]
+        try:
+            toks = chat_examples(tokenizer, messages, last_turn_only=recipe.data.train_on == "last_assistant_turn")
+        except TemplateError as exc:
+            raise TemplateError(f"{uri} line {lineno}: {exc}") from exc
+        examples += len(toks)
+        expanded += len(toks) > 1  # a template that rewrites earlier turns: one example per reply
+        for tok in toks:
+            ids, mask = tok.input_ids, tok.assistant_mask
+            if len(ids) > max_len:
+                if recipe.data.packing.overlong == "drop":
+                    dropped += 1
+                    continue
+                truncated += 1
+                ids, mask = ids[:max_len], mask[:max_len]
+            if not any(mask[1:]):
+                no_target += 1  # truncation cut every assistant token: nothing to learn from
                 continue
-            truncated += 1
-            ids, mask = ids[:max_len], mask[:max_len]
-        if not any(mask[1:]):
-            no_target += 1  # truncation cut every assistant token: nothing to learn from
-            continue
-        docs.append((ids, mask))
+            docs.append((ids, mask))
     streaming = recipe.data.packing.mode == "streaming" and split == "train"
     blocks = pack(docs, max_len, block_pad_id(tokenizer), enabled=recipe.data.packing.enabled)
     tokens = sum(len(ids) for ids, _ in docs)
     return {
         "rows": rows,
+        # Training examples the rows gave (more than rows where the chat template rewrites earlier
+        # turns, so each reply is an example of its own) and how many rows did that.
+        "examples": examples,
+        "expanded_rows": expanded,
         "documents": len(docs),
         "tokens": tokens,
         "assistant_tokens": sum(sum(m[1:]) for _, m in docs),

@@ -9,9 +9,12 @@ loopback defaults are set.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
+
+from posttrain.prep.chat import end_of_turn_token
 
 # In-process engine (no spawned workers), a small KV cache, everything on loopback, no telemetry.
 LOOPBACK_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -41,10 +44,21 @@ def make_engine(model_dir: str | Path, max_model_len: int, *, dtype: str = "floa
                        max_num_seqs=max_num_seqs)
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Where a reply ends: the chat template's end-of-turn token and the tokenizer's EOS."""
-    return sorted(i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
-                  if isinstance(i, int) and i >= 0)
+def stop_token_ids(tokenizer: Any, model_dir: str | Path | None = None) -> list[int]:
+    """Where a reply ends, from the model itself: the EOS ids of its generation_config.json (in
+    `model_dir`, by default the folder the tokenizer was loaded from), the tokenizer's EOS, and the
+    end-of-turn token of its chat template (the special token that closes an assistant reply:
+    Llama `<|eot_id|>`, Gemma `<end_of_turn>`, Phi `<|end|>`, ChatML `<|im_end|>`)."""
+    ids: set = {tokenizer.eos_token_id}
+    config = Path(model_dir or getattr(tokenizer, "name_or_path", "") or ".") / "generation_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos])
+    eot = end_of_turn_token(tokenizer)
+    if eot is not None:
+        ids.add(tokenizer.convert_tokens_to_ids(eot))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
 
 
 def sampling_params(vocab: int, stop_ids: list[int], **settings: Any) -> Any:

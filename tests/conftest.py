@@ -194,17 +194,22 @@ def moto_server() -> Iterator[str]:
         os.environ.pop("AIRFLOW_CONN_AWS_MOTO", None)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[dict[str, Any]]:
-    """A local Ray head on 127.0.0.1 for one test module; afterwards not one of its processes is left."""
+def local_ray_head(num_cpus: int) -> Iterator[dict[str, Any]]:
+    """A local Ray head on 127.0.0.1 (a fixture's body); afterwards not one of its processes is left."""
     from posttrain.hooks.local_ray import LocalRayCluster
 
-    info = LocalRayCluster.start(num_cpus=3)
+    info = LocalRayCluster.start(num_cpus=num_cpus)
     try:
         yield info
     finally:
         LocalRayCluster.stop(info)
     assert LocalRayCluster.processes(info) == []
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[dict[str, Any]]:
+    """A local Ray head for one test module."""
+    yield from local_ray_head(num_cpus=3)
 
 
 @pytest.fixture(scope="session")  # one per moto server: the instance profile can exist only once

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from posttrain.paths import cache_env
-from tests.conftest import HOME, REPO, TINY, free_port
+from tests.conftest import HOME, REPO, TINY, free_port, local_ray_head
 
 DEPLOY = HOME / "deploy"
 SCREENSHOTS = DEPLOY / "screenshots"
@@ -425,14 +425,7 @@ def clean_previous(root: Path) -> None:
 @pytest.fixture(scope="package")
 def existing_ray() -> Iterator[dict[str, Any]]:
     """The "existing" Ray cluster of `compute.provider: ray` recipes: a local head the runs don't own."""
-    from posttrain.hooks.local_ray import LocalRayCluster
-
-    info = LocalRayCluster.start(num_cpus=2)
-    try:
-        yield info
-    finally:
-        LocalRayCluster.stop(info)
-    assert LocalRayCluster.processes(info) == []
+    yield from local_ray_head(num_cpus=2)
 
 
 @pytest.fixture(scope="package")

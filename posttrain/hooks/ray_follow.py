@@ -141,8 +141,10 @@ class LogFollower:
         # compression=None: the dashboard head forwards the client's handshake headers to its job
         # module, and with permessage-deflate offered the relay breaks (Ray 2.60 logs "Unknown msg
         # type: 258" and the socket closes normally with no message).
+        # close_timeout 1 s: a cancelled follower (a triggerer handing the trigger on, a task ended)
+        # must let go at once, not wait for a busy dashboard to answer the close handshake.
         async with connect(self.url, additional_headers=self.headers, max_size=MAX_MESSAGE_BYTES,
-                           open_timeout=self.open_timeout, close_timeout=5, ping_interval=20,
+                           open_timeout=self.open_timeout, close_timeout=1, ping_interval=20,
                            ping_timeout=30, proxy=None, compression=None) as ws:
             async for message in ws:
                 text = message if isinstance(message, str) else message.decode("utf-8", "replace")

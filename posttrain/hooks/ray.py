@@ -107,20 +107,28 @@ class RayJobHook(BaseHook):
                 if job.get("status") not in TERMINAL_STATES and job.get("submission_id")
                 and all((job.get("metadata") or {}).get(k) == v for k, v in metadata.items())]
 
-    def stop_and_wait(self, job_id: str, timeout: float, poll_interval: float = 1.0) -> str | None:
-        """Stop the job unless it is over, and wait (at most `timeout` s) until it is. Returns the
-        status it was in when asked (None: the cluster has no such job)."""
+    def stop_if_running(self, job_id: str) -> str | None:
+        """Stop the job unless it is over. Returns the status it was in when asked (None: the
+        cluster has no such job)."""
         job = self.get_job(job_id)
         if job is None or job["status"] in TERMINAL_STATES:
             return job and job["status"]
         self.stop_job(job_id)
+        return job["status"]
+
+    def stop_and_wait(self, job_id: str, timeout: float, poll_interval: float = 1.0) -> str | None:
+        """Stop the job unless it is over, and wait (at most `timeout` s) until it is. Returns the
+        status it was in when asked (None: the cluster has no such job)."""
+        was = self.stop_if_running(job_id)
+        if was is None or was in TERMINAL_STATES:
+            return was
         deadline = time.monotonic() + timeout
         while (now := self.get_job(job_id)) is not None and now["status"] not in TERMINAL_STATES:
             if time.monotonic() > deadline:
                 raise RayJobTimeout(f"Ray job {job_id} was asked to stop but is still {now['status']} "
                                     f"after {timeout:.0f}s")
             time.sleep(poll_interval)
-        return job["status"]
+        return was
 
     async def async_stop_job(self, job_id: str) -> bool:
         """Stop the job without blocking the triggerer's loop (no wait for it to be over)."""

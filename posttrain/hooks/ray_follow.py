@@ -30,13 +30,18 @@ TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 DEFAULT_RETRY_WINDOW_S = 300.0
 
 
+def transient_status(code: int) -> bool:
+    """An HTTP status worth asking again after (5xx, 429, 408, 425)."""
+    return code in TRANSIENT_HTTP or code >= 500
+
+
 class RayJobError(RuntimeError):
-    """A failed call to the dashboard. `transient`: worth retrying (5xx, 429, 408)."""
+    """A failed call to the dashboard. `transient`: worth retrying (see transient_status)."""
 
     def __init__(self, message: str, status_code: int | None = None):
         super().__init__(message)
         self.status_code = status_code
-        self.transient = status_code is not None and (status_code in TRANSIENT_HTTP or status_code >= 500)
+        self.transient = status_code is not None and transient_status(status_code)
 
 
 class RayJobTimeout(RayJobError):
@@ -51,8 +56,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, RayJobError):
         return exc.transient
     if isinstance(exc, InvalidStatus):
-        code = exc.response.status_code
-        return code in TRANSIENT_HTTP or code >= 500
+        return transient_status(exc.response.status_code)
     return isinstance(exc, httpx.TransportError | ConnectionClosedError | InvalidHandshake | OSError
                       | TimeoutError | asyncio.TimeoutError | EOFError)
 
@@ -87,11 +91,10 @@ class Backoff:
         return min(self.cap_s, self.first_s * 2 ** (self.tries - 1), left)
 
 
-def job_outcome(job_id: str, job: dict, tail: list[str] | str) -> dict[str, Any]:
+def job_outcome(job_id: str, job: dict, tail: list[str]) -> dict[str, Any]:
     """What a finished job reports to its task: status, message and the last lines of its log."""
-    lines = tail.splitlines() if isinstance(tail, str) else tail
     return {"status": job["status"], "job_id": job_id, "message": job.get("message") or "",
-            "log_tail": "\n".join(lines[-LOG_TAIL_LINES:])}
+            "log_tail": "\n".join(tail[-LOG_TAIL_LINES:])}
 
 
 class LogFollower:

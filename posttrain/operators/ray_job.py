@@ -82,12 +82,10 @@ class RayJobOperator(PosttrainOperator):
         if not job_id:
             return
         try:
-            job = self.hook.get_job(job_id)
-            if job is None or job["status"] in TERMINAL_STATES:
-                self.log.info("Ray job %s is %s (%s): nothing to stop", job_id,
-                              job["status"] if job else "unknown to the cluster", why)
+            was = self.hook.stop_if_running(job_id)
+            if was is None or was in TERMINAL_STATES:
+                self.log.info("Ray job %s is %s (%s): nothing to stop", job_id, was or "unknown to the cluster", why)
                 return
-            self.hook.stop_job(job_id)
             self.log.warning("stopped Ray job %s (%s)", job_id, why)
         except Exception as exc:
             self.log.error("could not stop Ray job %s (%s): %s", job_id, why, describe(exc))

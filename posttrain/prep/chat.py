@@ -46,9 +46,10 @@ class TemplateShape:
     prefill: str  # text the generation prompt puts inside the reply (DeepSeek-R1's "<think>\n")
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
+def _apply_template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> Any:
+    """`apply_chat_template`, with a template's own refusal (raise_exception) as our TemplateError."""
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, **kwargs)
     except JinjaTemplateError as exc:
         hint = ""
         if messages and messages[0]["role"] == "system":
@@ -56,6 +57,15 @@ def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> st
                     "merge the system prompt into the first user turn")
         raise TemplateError(f"the chat template refuses this conversation: {exc!s} (a rule of the template "
                             f"itself){hint}") from exc
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
+    return _apply_template(tokenizer, messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` rendered with the generation prompt: what a model answers from."""
+    return list(_apply_template(tokenizer, messages, tokenize=True, add_generation_prompt=True, return_dict=False))
 
 
 def fold_system_prompt(messages: list[dict]) -> list[dict]:
@@ -188,8 +198,7 @@ def _marker_mask(tokenizer: Any, messages: list[dict]) -> Tokenized:
     marked run loses the whitespace-only tokens at its edges (the newline after a role header or
     after the end-of-turn token) and gains the end-of-turn token right after it, if the markers
     left it out: the model must learn to stop."""
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
+    enc = _apply_template(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
     eot = end_of_turn_token(tokenizer)
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
@@ -234,8 +243,7 @@ def chat_examples(tokenizer: Any, messages: list[dict], last_turn_only: bool = F
     if _GENERATION_MARKER.search(tokenizer.chat_template or ""):
         tok = _marker_mask(tokenizer, messages)
         if train_from_message:
-            prefix = len(tokenizer.apply_chat_template(messages[:train_from_message], tokenize=True,
-                                                       add_generation_prompt=True, return_dict=False))
+            prefix = len(prompt_ids(tokenizer, messages[:train_from_message]))
             tok.assistant_mask[:prefix] = [False] * min(prefix, len(tok.assistant_mask))
         return [_keep_last_turn(tok) if last_turn_only else tok]
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= train_from_message]

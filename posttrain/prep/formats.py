@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from posttrain.prep.chat import fold_system_prompt, tokenize_chat
+from posttrain.prep.chat import fold_system_prompt, prompt_ids, tokenize_chat
 
 
 def _write(table: dict[str, Any], path: Path) -> None:
@@ -65,7 +65,7 @@ def prepare_prompts(tokenizer: Any, rows: Iterable[dict], max_len: int, out_dir:
     for row in rows:
         n_rows += 1
         prompt = fold_system_prompt(row["prompt"]) if fold_system else row["prompt"]
-        tokens = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        tokens = prompt_ids(tokenizer, prompt)
         if len(tokens) + min_new_tokens > max_len:
             dropped += 1
             continue

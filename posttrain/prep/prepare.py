@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +32,26 @@ def read_jsonl(uri: str, open_binary: Opener | None = None) -> Iterator[tuple[in
         for lineno, raw in enumerate(fh, 1):
             if raw.strip():
                 yield lineno, json.loads(raw)
+
+
+class Rows:
+    """The rows of a JSONL file (see read_jsonl), remembering the line of the current one, so that a
+    row the chat template refuses is named by file and line (`at_row`)."""
+
+    def __init__(self, uri: str, open_binary: Opener | None = None):
+        self.uri, self.open_binary, self.lineno = uri, open_binary, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        for lineno, row in read_jsonl(self.uri, self.open_binary):
+            self.lineno = lineno
+            yield row
+
+    @contextmanager
+    def at_row(self) -> Iterator[None]:
+        try:
+            yield
+        except TemplateError as exc:
+            raise TemplateError(f"{self.uri} line {self.lineno}: {exc}") from exc
 
 
 def block_pad_id(tokenizer: Any) -> int:
@@ -82,14 +102,17 @@ class OverlongData(ValueError):
 def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split: str,
                   open_binary: Opener | None = None) -> dict:
     data = recipe.data
-    rows = (row for _lineno, row in read_jsonl(uri, open_binary))
+    rows = Rows(uri, open_binary)
     if data.format == "preference":
-        stats = prepare_preference(tokenizer, rows, data.max_seq_len, data.packing.overlong, out_dir, split,
-                                   fold_system=data.fold_system_prompt)
+        with rows.at_row():
+            stats = prepare_preference(tokenizer, rows, data.max_seq_len, data.packing.overlong, out_dir, split,
+                                       fold_system=data.fold_system_prompt)
     elif data.format == "prompt":
         # A prompt must leave room for the completions RL samples (max_seq_len bounds the prompt).
-        stats = prepare_prompts(tokenizer, rows, data.max_seq_len, out_dir, split,
-                                min_new_tokens=1 if recipe.grpo is None else 0, fold_system=data.fold_system_prompt)
+        with rows.at_row():
+            stats = prepare_prompts(tokenizer, rows, data.max_seq_len, out_dir, split,
+                                    min_new_tokens=1 if recipe.grpo is None else 0,
+                                    fold_system=data.fold_system_prompt)
     else:
         stats = prepare_chat(tokenizer, uri, recipe, out_dir, split, open_binary)
     overlong = stats.get("truncated", 0) + stats["dropped_overlong"]
@@ -107,13 +130,12 @@ def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split:
                  open_binary: Opener | None = None) -> dict:
     max_len = recipe.data.max_seq_len
     docs, rows, examples, expanded, truncated, dropped, no_target = [], 0, 0, 0, 0, 0, 0
-    for lineno, row in read_jsonl(uri, open_binary):
+    source = Rows(uri, open_binary)
+    for row in source:
         rows += 1
         messages = fold_system_prompt(row["messages"]) if recipe.data.fold_system_prompt else row["messages"]
-        try:
+        with source.at_row():
             toks = chat_examples(tokenizer, messages, last_turn_only=recipe.data.train_on == "last_assistant_turn")
-        except TemplateError as exc:
-            raise TemplateError(f"{uri} line {lineno}: {exc}") from exc
         examples += len(toks)
         expanded += len(toks) > 1  # a template that rewrites earlier turns: one example per reply
         for tok in toks:

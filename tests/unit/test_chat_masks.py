@@ -296,3 +296,25 @@ def test_prepare_records_expanded_examples_and_folds_system_prompts(tokenizer, t
                                                       "fold_system_prompt": True}))
     stats = prepare_chat(gemma2, str(data), folded, tmp_path, "train")
     assert (stats["rows"], stats["examples"], stats["expanded_rows"]) == (2, 2, 0)
+
+
+@pytest.mark.parametrize("data_format", ["preference", "prompt"])
+def test_a_refused_preference_or_prompt_row_is_named_by_file_and_line(tokenizer, tmp_path, data_format) -> None:
+    from posttrain.prep.prepare import prepare_split
+    from posttrain.recipe import load_recipe
+    from tests.conftest import write_recipe
+
+    prompt = [{"role": "user", "content": "What is 2 plus 2?"}]
+    system = [{"role": "system", "content": "Be brief."}, *prompt]
+    reply = [{"role": "assistant", "content": "4"}]
+    rows = [{"prompt": prompt, "chosen": reply, "rejected": reply, "answer": "4"},
+            {"prompt": system, "chosen": reply, "rejected": reply, "answer": "4"}]
+    data = tmp_path / f"{data_format}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paradigm = {"paradigm": "dpo"} if data_format == "preference" else {
+        "paradigm": "grpo", "grpo": {"rewards": [{"name": "exact_match"}]}}
+    recipe = load_recipe(write_recipe(tmp_path, data={"format": data_format, "train": str(data), "eval": str(data),
+                                                      "max_seq_len": 512}, **paradigm))
+    gemma2 = tokenizer_for(tokenizer, _family("gemma2"))
+    with pytest.raises(TemplateError, match=rf"{data_format}.jsonl line 2: .*System role not supported"):
+        prepare_split(gemma2, str(data), recipe, tmp_path, "train")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from posttrain.prep.chat import prompt_and_reference
+from posttrain.prep.chat import prompt_and_reference, prompt_ids
 from posttrain.prep.prepare import read_jsonl
 from posttrain.recipe import Recipe
 from posttrain.training_lib.models.vllm_engine import make_engine, sampling_params, stop_token_ids
@@ -19,8 +19,7 @@ def generate_and_score(recipe: Recipe, model_dir: Path) -> tuple[dict, list[dict
         rows.append(prompt_and_reference(row["messages"]))
         if len(rows) >= recipe.evaluation.max_samples:
             break
-    prompts = [tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-               for msgs, _ in rows]
+    prompts = [prompt_ids(tokenizer, msgs) for msgs, _ in rows]
     max_prompt = max(len(p) for p in prompts)
     llm = make_engine(model_dir, max_prompt + recipe.evaluation.max_new_tokens)
     params = sampling_params(len(tokenizer), stop_token_ids(tokenizer), temperature=0.0,

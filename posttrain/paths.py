@@ -42,6 +42,30 @@ def cache_env() -> dict[str, str]:
 MAX_TMPDIR = 48
 
 
+# Ray puts Unix sockets under its temp dir, and a socket path may not exceed 107 bytes. The longest
+# one Ray makes (2.60) is a dashboard module's: "<temp>/session_<date>_<time>_<usec>_<pid>/sockets/
+# dash_TaskEventsHead"; its length past <temp> depends on how many digits a pid can have here.
+_RAY_SOCKET_TAIL = len("/session_2026-11-29_20-07-39_549032_") + len("/sockets/dash_TaskEventsHead")
+_MAX_UNIX_SOCKET_PATH = 107
+
+
+def _pid_digits() -> int:
+    try:
+        return len(str(int(Path("/proc/sys/kernel/pid_max").read_text()) - 1))
+    except (OSError, ValueError):
+        return 7  # Linux's largest pid_max is 4194304
+
+
+def ray_temp_dir(name: str) -> Path:
+    """A Ray temp dir for one cluster: under posttrain_home()/ray where Ray's socket paths fit,
+    else (a deep checkout) a short per-user folder under /tmp."""
+    limit = _MAX_UNIX_SOCKET_PATH - _RAY_SOCKET_TAIL - _pid_digits()
+    preferred = posttrain_home() / "ray" / name
+    if len(str(preferred)) <= limit:
+        return preferred
+    return Path(f"/tmp/posttrain-ray-{os.getuid()}") / name
+
+
 def use_repo_tmpdir() -> None:
     """Point this process's (and its children's) temp files at posttrain_home()/tmp."""
     import tempfile

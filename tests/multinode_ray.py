@@ -7,7 +7,7 @@ process tree, every one registered as 127.0.0.1. RAY_ENABLE_WINDOWS_OR_OSX_CLUST
 processes that connect later (the job agent, job drivers) on 127.0.0.1 too: without it Ray turns
 "127.0.0.1" into the machine's address, where nothing listens.
 
-Run as `python -m tests.multinode_ray NODES DASHBOARD_PORT READY_FILE`: it writes {"address",
+Run as `RAY_TMPDIR=… python -m tests.multinode_ray NODES DASHBOARD_PORT READY_FILE`: it writes {"address",
 "dashboard_url"} to READY_FILE once every node is up, then holds the cluster until its stdin
 closes or it gets SIGTERM, and on the way out stops every process it started (the dashboard's
 module subprocesses included, which `Cluster.shutdown` leaves behind).
@@ -29,15 +29,19 @@ def main() -> int:
     from ray.cluster_utils import Cluster
 
     nodes, dashboard_port, ready = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    # Sessions straight under RAY_TMPDIR (Ray would add "/ray"): its caller sized that path so
+    # Ray's socket paths fit (posttrain.paths.ray_temp_dir).
+    temp_dir = os.environ["RAY_TMPDIR"]
+    Path(temp_dir, "ray").mkdir(parents=True, exist_ok=True)  # Ray still writes its address file there
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True,
+        "num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "temp_dir": temp_dir,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
     try:
         for _ in range(nodes - 1):
-            cluster.add_node(num_cpus=1, num_gpus=0, node_ip_address="127.0.0.1")
+            cluster.add_node(num_cpus=1, num_gpus=0, node_ip_address="127.0.0.1", temp_dir=temp_dir)
         cluster.wait_for_nodes(timeout=90)
         ready.write_text(json.dumps({"address": cluster.address, "dashboard_url": f"http://127.0.0.1:{dashboard_port}"}))
         stop.wait()

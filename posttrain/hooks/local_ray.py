@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.hooks.ray import RayJobError, RayJobHook
-from posttrain.paths import cache_env, posttrain_home
+from posttrain.paths import cache_env, ray_temp_dir
 
 
 def _free_port() -> int:
@@ -26,22 +26,10 @@ def _free_port() -> int:
 class LocalRayCluster:
     """A Ray head on 127.0.0.1 started with `ray start --head`, stopped by its own temp dir."""
 
-    # Unix socket paths may not exceed 107 bytes; Ray adds up to 65 under the temp dir
-    # ("/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store").
-    MAX_TEMP_DIR = 42
-
-    @staticmethod
-    def temp_dir(cluster_id: str) -> Path:
-        preferred = posttrain_home() / "ray" / cluster_id
-        if len(str(preferred)) <= LocalRayCluster.MAX_TEMP_DIR:
-            return preferred
-        # A deep checkout would overflow Ray's socket paths: fall back to a short per-user folder.
-        return Path(f"/tmp/posttrain-ray-{os.getuid()}") / cluster_id
-
     @classmethod
     def start(cls, num_cpus: int, timeout: float = 120.0) -> dict[str, Any]:
         cluster_id = uuid.uuid4().hex[:6]
-        temp_dir = cls.temp_dir(cluster_id)
+        temp_dir = ray_temp_dir(cluster_id)
         temp_dir.mkdir(parents=True, exist_ok=True)
         # Token auth on, with a token of this cluster's own (not ~/.ray/auth_token).
         token = secrets.token_hex(32)
@@ -105,7 +93,13 @@ class LocalRayCluster:
         server names only the latter), and their children."""
         import psutil
 
-        keys = [info["temp_dir"]] + ([f"={info['address']}"] if info.get("address") else [])
+        temp_dir, address = info["temp_dir"].rstrip("/"), info.get("address")
+
+        def names_this_head(part: str) -> bool:
+            # Whole path / whole address only: another head's "…/ray/ab12" or ":63790" is not ours.
+            return (part == temp_dir or part.endswith(f"={temp_dir}") or f"{temp_dir}/" in part
+                    or bool(address) and (part == address or part.endswith(f"={address}")))
+
         found: dict[int, psutil.Process] = {}
         me = psutil.Process()
         spared = {me.pid, *(p.pid for p in me.parents())}
@@ -113,7 +107,7 @@ class LocalRayCluster:
             if proc.pid in spared:
                 continue
             try:
-                if any(key in part for part in proc.info["cmdline"] or () for key in keys):
+                if any(names_this_head(part) for part in proc.info["cmdline"] or ()):
                     # Job drivers are children of Ray workers and don't name the temp dir.
                     for p in [proc, *proc.children(recursive=True)]:
                         if p.pid not in spared:

@@ -27,6 +27,7 @@ import pytest
 
 from posttrain.gc import airflow_run_state, collect
 from posttrain.hooks.ec2 import ALL_STATES, TAG_CLUSTER, TAG_DAG, TAG_RUN, Ec2ClusterHook, cluster_id_for
+from posttrain.paths import ray_temp_dir
 from posttrain.recipe import Ec2Config
 from tests.conftest import REPO, ec2_settings, free_port, run_recipe, task_states, write_recipe
 
@@ -44,8 +45,7 @@ def two_node_ray(tmp_path: Path) -> Iterator[dict[str, str]]:
     import psutil
 
     ready = tmp_path / "ray-ready.json"
-    # Ray's temp dir holds unix sockets: a short path under the repo's .posttrain.
-    temp = REPO / ".posttrain" / "ray" / f"mn{os.getpid()}"
+    temp = ray_temp_dir(f"mn{os.getpid()}")  # Ray's Unix socket paths must fit under it
     env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with (tmp_path / "ray.log").open("w") as log:

@@ -126,7 +126,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if _holds_model(out, args.force):
         return 0
-    print(f"tiny model written to {build_tiny(out, seed=args.seed)}")
+    print(f"tiny {args.family} model written to {build_tiny(out, seed=args.seed, family_name=args.family)}")
     return 0
 
 
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("tiny-model", help="build the tiny debug model + tokenizer offline")
     p.add_argument("out")
+    p.add_argument("--family", choices=["llama", "qwen3", "gemma3", "mistral", "qwen3_moe"], default="llama",
+                   help="architecture, special tokens and chat template (default llama: the shared debug model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_tiny_model)

@@ -61,6 +61,22 @@ def tiny_model() -> Path:
     return TINY
 
 
+def tiny_family(name: str) -> Path:
+    """The tiny model of a family (`posttrain tiny-model --family`), built once through the CLI. The
+    folder is named by a digest of the family's definition, so a changed family is rebuilt."""
+    import hashlib
+
+    from posttrain.cli import main
+    from posttrain.training_lib.models.families import family
+
+    fam = family(name)
+    digest = hashlib.sha256(repr(fam).encode() + fam.chat_template().encode()).hexdigest()[:10]
+    out = HOME / "models" / f"tiny-{name}-{digest}"
+    if not (out / "config.json").exists():
+        assert main(["tiny-model", str(out), "--family", name]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_model: Path) -> Path:
     """The distillation teacher: the tiny model fine-tuned briefly (`make test` builds it too)."""

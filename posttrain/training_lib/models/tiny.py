@@ -1,9 +1,10 @@
-"""The tiny debug model every test, the demo and CI share: built offline, in seconds.
+"""The tiny debug models every test, the demo and CI share: built offline, in seconds.
 
 A byte-level BPE tokenizer trained on the repo's sample chat text, wrapped as a real Hugging Face
-tokenizer with a ChatML-style chat template, and a randomly initialised Llama-architecture model.
-head_dim is 32 because vLLM's CPU attention kernels accept nothing smaller; the vocabulary is
-padded to a multiple of 64 so the embedding shards evenly.
+tokenizer carrying the family's special tokens and chat template, and a randomly initialised model
+of the family's architecture (families.py). The default, `llama`, is the shared debug model: a
+ChatML-style template and a vocabulary padded to a multiple of 64 so the embedding shards evenly.
+head_dim is 32 because vLLM's CPU attention kernels accept nothing smaller.
 """
 
 from __future__ import annotations
@@ -15,20 +16,19 @@ from posttrain import samples
 from posttrain.prep.chat import tokenize_chat
 from posttrain.prep.packing import IGNORE, pack
 from posttrain.prep.prepare import block_pad_id, read_jsonl
+from posttrain.training_lib.models.families import FAMILIES, TinyFamily, build_config, family
 
 # torch, tokenizers and transformers (and the torch modules of this package) are imported inside the
 # functions: the `posttrain tiny-model` CLI imports this module and must stay light.
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA = FAMILIES["llama"]
+CHAT_TEMPLATE = LLAMA.chat_template()
+SPECIAL_TOKENS = list(LLAMA.special_tokens)
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 500):
+def build_tokenizer(texts: list[str], vocab_size: int = 500, fam: TinyFamily = LLAMA):
+    """A byte-level BPE trained on `texts` with the family's special tokens first (ids 0, 1, ...),
+    its BOS/EOS/PAD/UNK roles and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,59 +37,50 @@ def build_tokenizer(texts: list[str], vocab_size: int = 500):
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(fam.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        unk_token=None,
+        eos_token=fam.eos,
+        pad_token=fam.pad,
+        bos_token=fam.bos,
+        unk_token=fam.unk,
         model_max_length=4096,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = fam.chat_template()
     return tokenizer
 
 
-def build_model(vocab_size: int, pad_to_multiple_of: int = 64, seed: int = 0, hidden_size: int = 64,
-                layers: int = 2, heads: int = 2, max_positions: int = 2048):
+def build_model(vocab_size: int, pad_to_multiple_of: int = 64, seed: int = 0, max_positions: int = 2048,
+                fam: TinyFamily = LLAMA):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     padded = -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
-    config = LlamaConfig(
-        vocab_size=padded,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden_size // heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        torch_dtype="float32",
-    )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(build_config(fam, padded, max_positions), dtype=torch.float32)
 
 
-def build_tiny(out_dir: str | Path, seed: int = 0, pad_to_multiple_of: int = 64) -> Path:
-    """Write a tokenizer + model to out_dir (Hugging Face layout, safetensors)."""
+def build_tiny(out_dir: str | Path, seed: int = 0, pad_to_multiple_of: int | None = None,
+               family_name: str = "llama") -> Path:
+    """Write a tokenizer + model of the family to out_dir (Hugging Face layout, safetensors).
+    `pad_to_multiple_of` None: the family's own (64 for llama, none for the others)."""
+    fam = family(family_name)
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         paths = samples.generate(tmp)
-        tokenizer = build_tokenizer(samples.corpus_text(paths["train"]))
-    model = build_model(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of, seed=seed)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+        tokenizer = build_tokenizer(samples.corpus_text(paths["train"]), fam.vocab_size, fam)
+    model = build_model(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of or fam.pad_to_multiple_of, seed=seed,
+                        fam=fam)
+    ids = {role: tokenizer.convert_tokens_to_ids(tok) if tok else None
+           for role, tok in (("eos", fam.eos), ("pad", fam.pad), ("bos", fam.bos))}
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id, config.bos_token_id = ids["eos"], ids["pad"], ids["bos"]
+    if fam.generation_eos:  # the family stops generation at its end-of-turn token too
+        model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in fam.generation_eos]
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

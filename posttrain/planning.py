@@ -21,49 +21,14 @@ import json
 from dataclasses import asdict, dataclass
 
 from posttrain import instance_types
+from posttrain.model_shape import ModelShape, lora_params  # the shape lives there; callers import it from here too
 from posttrain.recipe import Recipe, RecipeError
 from posttrain.uris import model_file
 
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    tied: bool
-
-    @classmethod
-    def from_config(cls, config: dict, pad_vocab_to: int = 1) -> ModelShape:
-        heads = config["num_attention_heads"]
-        vocab = -(-config["vocab_size"] // pad_vocab_to) * pad_vocab_to
-        return cls(vocab=vocab, hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
-                   kv_heads=config.get("num_key_value_heads") or heads,
-                   head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                   intermediate=config["intermediate_size"], tied=bool(config.get("tie_word_embeddings")))
-
-    def projections(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each linear layer of one decoder block (Llama family)."""
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, self.intermediate), "up_proj": (h, self.intermediate),
-                "down_proj": (self.intermediate, h)}
-
-    def block_params(self) -> int:
-        return sum(i * o for i, o in self.projections().values()) + 2 * self.hidden  # + two norms
-
-    def params(self) -> int:
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * self.block_params() + embeddings + self.hidden
-
-
-def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
-    return shape.layers * sum(rank * (i + o) for name, (i, o) in shape.projections().items() if name in targets)
+# Dense families with a tensor-parallel plan (training_lib.parallel.parallelize.TP_PLANS, which a
+# test keeps equal to this): the plan check refuses the others before a cluster is started.
+TENSOR_PARALLEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def estimate(recipe: Recipe, shape: ModelShape, world: int, compute_bytes: int, activation_checkpointing: bool,
@@ -79,20 +44,22 @@ def estimate(recipe: Recipe, shape: ModelShape, world: int, compute_bytes: int, 
     if strategy == "ddp":
         states = per_param
     else:  # FSDP2 shards everything over dp; TP also splits the blocks' projections over tp
-        block_share = shape.layers * shape.block_params() / total
+        block_share = shape.blocks_params() / total
         states = per_param * (block_share / world + (1 - block_share) / dp)
     gathered = 2 * shape.block_params() / tp * compute_bytes if strategy != "ddp" else 0
     tokens = t.micro_batch_size * recipe.data.max_seq_len
     # Per layer and token (Megatron's count without sequence parallel): ~10 hidden-sized tensors
     # replicated over the TP ranks, ~24 hidden-sized and 3 intermediate-sized ones split by TP.
-    per_layer = tokens * compute_bytes * (10 * shape.hidden + (24 * shape.hidden + 3 * shape.intermediate) / tp)
+    # A sparse block's MLP runs each token through its experts_per_token experts (mlp_width).
+    per_layer = tokens * compute_bytes * (10 * shape.hidden + (24 * shape.hidden + 3 * shape.mlp_width()) / tp)
     activations = (shape.layers * tokens * shape.hidden * compute_bytes + per_layer) if activation_checkpointing \
         else shape.layers * per_layer
     loss_chunk = 2 * min(t.loss_chunk_tokens, tokens) * shape.vocab * 4
     parts = {"weights_grads_optimizer": states, "gathered_blocks": gathered, "activations": activations,
              "loss_chunk": loss_chunk}
     return {
-        "params": total, "trainable_params": trainable, "world_size": world, "strategy": strategy,
+        "params": total, "active_params": shape.active_params(), "trainable_params": trainable, "world_size": world,
+        "strategy": strategy,
         "tensor_parallel": tp,
         "bytes": {k: int(v) for k, v in parts.items()},
         "gib": {k: round(v / GIB, 3) for k, v in parts.items()},
@@ -159,6 +126,12 @@ def plan_problems(plan: Plan, shape: ModelShape) -> list[tuple[str, str]]:
     """What makes the plan impossible for this model, as (recipe field, message with the numbers)."""
     tp = plan.tensor_parallel
     problems = []
+    if tp > 1 and shape.is_moe:
+        return [("training.tensor_parallel", f"tensor parallel is not supported for MoE yet (model_type "
+                 f"{shape.model_type}, {shape.experts} experts): use tensor_parallel: 1; FSDP shards the experts")]
+    if tp > 1 and shape.model_type not in TENSOR_PARALLEL_TYPES:
+        return [("training.tensor_parallel", f"no tensor-parallel plan for model_type {shape.model_type!r}; "
+                 f"the families with one: {', '.join(TENSOR_PARALLEL_TYPES)}")]
     if plan.world_size % tp:
         problems.append(("training.tensor_parallel", f"tensor parallel degree {tp} does not divide the "
                          f"{plan.world_size} workers (compute.workers)"))

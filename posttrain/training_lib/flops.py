@@ -1,10 +1,14 @@
-"""Training FLOPs per token of a Llama-family model, the device's peak, and MFU.
+"""Training FLOPs per token of a decoder model (Llama, Mistral, Qwen3, Gemma 3, Qwen-style MoE),
+the device's peak, and MFU.
 
 Per token of a packed block of `seq_len`:
 - forward: 2 × every linear weight (the block projections and lm_head; LoRA adapters A and B
   where LoRA targets them) plus the two attention matmuls (Q·Kᵀ and P·V), 2 × heads × head_dim ×
   context each per layer. Causal attention counts the keys a query sees, (seq_len + 1) / 2 on
-  average over the block: what flash/efficient SDPA kernels compute, as they skip masked tiles.
+  average over the block (fewer in a sliding-window layer, Gemma 3's local layers): what
+  flash/efficient SDPA kernels compute, as they skip masked tiles.
+- a sparse (MoE) block: the router (hidden → experts) and, per token, only the experts it is
+  routed to (experts_per_token of them) plus any shared expert: active parameters, not all.
   (Packed blocks are attended per document, which does less; the count is for one document per
   block, so MFU is a little high when blocks hold many short documents.)
 - backward, input gradients: 2 × the same weights and 2 × each attention matmul per operand
@@ -67,33 +71,58 @@ class _Count:
         self.input_grads += 2 * lora.rank * fan_out + (2 * fan_in * lora.rank if x_grad else 0)
         return True
 
-    def block(self, shape: ModelShape, matmul: float, h_grad: bool, lora: LoraConfig | None) -> bool:
+    def block(self, shape: ModelShape, matmul: float, h_grad: bool, lora: LoraConfig | None,
+              sparse: bool = False) -> bool:
         """One decoder block; `matmul` is the FLOPs of one attention matmul per token. Returns
         whether the residual stream needs a gradient after the block."""
-        p = shape.projections()
+        p = shape.attention_projections()
         q, k, v = (self.linear(n, *p[n], h_grad, lora) for n in ("q_proj", "k_proj", "v_proj"))
         self.forward += 2 * matmul
         scores = q or k
         self.input_grads += matmul * (q + k)  # dQ = dS·K, dK = dSᵀ·Q
         self.input_grads += matmul * (scores + v)  # dP = dO·Vᵀ, dV = Pᵀ·dO
         h_grad = self.linear("o_proj", *p["o_proj"], scores or v, lora) or h_grad
-        gate = self.linear("gate_proj", *p["gate_proj"], h_grad, lora)
-        up = self.linear("up_proj", *p["up_proj"], h_grad, lora)
-        return self.linear("down_proj", *p["down_proj"], gate or up, lora) or h_grad
+        if not sparse:
+            return self.mlp("", shape.hidden, shape.intermediate, h_grad, lora) or h_grad
+        # The router, then each token's experts: LoRA never wraps these (3-D expert parameters, a
+        # router that isn't a Linear), hence the prefixed names no target matches.
+        routed = self.linear("moe.router", shape.hidden, shape.experts, h_grad, lora)
+        for _ in range(shape.experts_per_token):
+            routed = self.mlp("moe.expert.", shape.hidden, shape.expert_intermediate, h_grad, lora) or routed
+        if shape.shared_expert_intermediate:
+            routed = self.mlp("moe.shared.", shape.hidden, shape.shared_expert_intermediate, h_grad, lora) or routed
+            self.linear("moe.shared_gate", shape.hidden, 1, h_grad, lora)
+        return routed or h_grad
+
+    def mlp(self, prefix: str, hidden: int, intermediate: int, h_grad: bool, lora: LoraConfig | None) -> bool:
+        gate = self.linear(prefix + "gate_proj", hidden, intermediate, h_grad, lora)
+        up = self.linear(prefix + "up_proj", hidden, intermediate, h_grad, lora)
+        return self.linear(prefix + "down_proj", intermediate, hidden, gate or up, lora)
 
 
 def training_flops(shape: ModelShape, seq_len: int, lora: LoraConfig | None = None,
                    causal: bool = True) -> TrainingFlops:
     """FLOPs per token of forward + backward over blocks of `seq_len` tokens (see the module doc).
     `lora` None is full fine-tuning."""
-    context = (seq_len + 1) / 2 if causal else seq_len
-    matmul = 2 * shape.heads * shape.head_dim * context
     count = _Count()
     h_grad = lora is None  # a trainable embedding: the residual stream needs gradients from the start
-    for _ in range(shape.layers):
-        h_grad = count.block(shape, matmul, h_grad, lora)
+    for index in range(shape.layers):
+        window = shape.sliding_window if index in shape.sliding_layers else None
+        matmul = 2 * shape.heads * shape.head_dim * attended_keys(seq_len, window, causal)
+        h_grad = count.block(shape, matmul, h_grad, lora, sparse=index in shape.sparse_layers)
     count.linear("lm_head", shape.hidden, shape.vocab, h_grad, lora)
     return TrainingFlops(count.forward, count.input_grads, count.weight_grads)
+
+
+def attended_keys(seq_len: int, window: int | None, causal: bool = True) -> float:
+    """Keys a query attends to, on average over a block of `seq_len`: all of them (not causal),
+    (seq_len + 1) / 2 (causal), or at most `window` each (a sliding window: query q sees
+    min(q + 1, window) keys)."""
+    if not causal:
+        return float(seq_len)
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
 def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak_flops: float | None) -> float | None:

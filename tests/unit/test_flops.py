@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from posttrain.planning import ModelShape, lora_params
 from posttrain.recipe import LoraConfig
-from posttrain.training_lib.flops import device_peak_flops, mfu, peak_tflops, training_flops
+from posttrain.training_lib.flops import attended_keys, device_peak_flops, mfu, peak_tflops, training_flops
 
 BATCH, SEQ = 2, 32
 
@@ -88,3 +88,62 @@ def test_peak_table_and_mfu() -> None:
     assert device_peak_flops("cpu", "float32", override_tflops=2.5) == 2.5e12
     assert mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
     assert mfu(1000.0, 6e9, None) is None
+
+
+# --- the other families: Qwen3 (q/k norms, tied), Gemma 3 (sliding layers, four norms), Qwen3-MoE ---
+
+def _family_config(kind: str):  # noqa: ANN202 - a transformers config
+    from transformers import AutoConfig
+
+    shared = {"vocab_size": 211, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96, "max_position_embeddings": 128}
+    extra = {"qwen3": {"tie_word_embeddings": True},
+             "gemma3_text": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+                             "query_pre_attn_scalar": 32},
+             "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                           "mlp_only_layers": [], "decoder_sparse_step": 1}}[kind]
+    config = AutoConfig.for_model(kind, **shared, **extra)
+    config._attn_implementation = "eager"
+    if kind == "qwen3_moe":  # the per-expert loop of linears: FlopCounterMode has no formula for grouped_mm
+        config._experts_implementation = "eager"
+    return config
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text", "qwen3_moe"])
+def test_formula_matches_counted_flops_of_each_family(kind: str) -> None:
+    """Torch counts what really runs: for the MoE only each token's 2 of 4 experts (the active
+    parameters), plus the router."""
+    from transformers import AutoModelForCausalLM
+
+    config = _family_config(kind)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    shape = ModelShape.from_config(config.to_dict())
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    # The window doesn't change what eager attention computes (the mask is applied to the full square).
+    assert training_flops(shape, SEQ, causal=False).total == pytest.approx(counter.get_total_flops() / (BATCH * SEQ),
+                                                                            rel=0.02)
+
+
+def test_moe_flops_count_the_active_experts_only() -> None:
+    moe = ModelShape.from_config(_family_config("qwen3_moe").to_dict())
+    all_experts = ModelShape(**{**moe.__dict__, "experts_per_token": moe.experts})
+    # Per block and token, forward: 2 FLOPs per weight of the 2 routed experts (3 × 64 × 24 each);
+    # routing to all 4 would add 2 more experts' worth.
+    expert = 3 * 64 * 24
+    assert training_flops(all_experts, SEQ).forward - training_flops(moe, SEQ).forward == 2 * 2 * 2 * expert
+
+
+def test_sliding_window_layers_attend_to_at_most_the_window() -> None:
+    assert attended_keys(8, 3) == pytest.approx((1 + 2 + 3 + 3 + 3 + 3 + 3 + 3) / 8)
+    assert attended_keys(8, None) == attended_keys(8, 8) == 4.5
+    gemma = ModelShape.from_config(_family_config("gemma3_text").to_dict())
+    assert gemma.sliding_layers == (0,) and gemma.sliding_window == 8
+    full = ModelShape(**{**gemma.__dict__, "sliding_layers": ()})
+    # One of the two layers sees at most 8 keys per query instead of (32 + 1) / 2 on average.
+    matmul_fwd = 2 * 2 * 4 * 32  # two attention matmuls, 2 FLOPs per multiply-add, 4 heads × 32
+    assert training_flops(full, SEQ).forward - training_flops(gemma, SEQ).forward == pytest.approx(
+        matmul_fwd * (attended_keys(SEQ, None) - attended_keys(SEQ, 8)))

@@ -8,6 +8,8 @@ from typing import Any
 
 from airflow.sdk import BaseHook, ObjectStoragePath
 
+from posttrain.storage_fs import Store
+
 
 class StorageHook(BaseHook):
     def __init__(self, conn_id: str | None = None):
@@ -16,6 +18,11 @@ class StorageHook(BaseHook):
 
     def path(self, uri: str) -> ObjectStoragePath:
         return ObjectStoragePath(uri, conn_id=self.conn_id) if self.conn_id else ObjectStoragePath(uri)
+
+    def store(self, uri: str) -> Store:
+        """`uri` as a torch-free, airflow-free Store (what prepare writes through), reaching the
+        store with this hook's connection."""
+        return Store.at(uri, fs=self.path(uri).fs)
 
     def read_json(self, uri: str) -> Any:
         return json.loads(self.path(uri).read_text())

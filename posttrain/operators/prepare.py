@@ -10,7 +10,8 @@ from posttrain.prep.prepare import prepare
 
 class PrepareDataOperator(PosttrainOperator):
     def execute(self, context: Any) -> dict[str, Any]:
-        manifest = prepare(self.load_recipe(), self.local_workspace(),
+        # Straight to the workspace, a local folder or an object store (through the storage connection).
+        manifest = prepare(self.load_recipe(), self.storage.store(self.workspace),
                            open_binary=lambda uri: self.storage.path(uri).open("rb"))
         keys = ("rows", "tokens", "blocks", "pairs", "prompts", "fill_ratio", "truncated", "dropped_overlong")
         stats = {split: {k: s[k] for k in keys if k in s} for split, s in manifest["splits"].items()}

@@ -17,16 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.prep.chat import fold_system_prompt, prompt_ids, tokenize_chat
+from posttrain.storage_fs import Store
 
 
-def _write(table: dict[str, Any], path: Path) -> None:
+def _write(table: dict[str, Any], path: Path | Store) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table(table), path)
+    with path.open("wb") as fh:  # a local file or an object (streamed in parts)
+        pq.write_table(pa.table(table), fh)
 
 
-def prepare_preference(tokenizer: Any, rows: Iterable[dict], max_len: int, overlong: str, out_dir: Path,
+def prepare_preference(tokenizer: Any, rows: Iterable[dict], max_len: int, overlong: str, out_dir: Path | Store,
                        split: str, fold_system: bool = False) -> dict:
     import pyarrow as pa
 
@@ -56,7 +58,7 @@ def prepare_preference(tokenizer: Any, rows: Iterable[dict], max_len: int, overl
             "dropped_overlong": dropped, "layout": "pairs", "shards": [f"data/{name}"]}
 
 
-def prepare_prompts(tokenizer: Any, rows: Iterable[dict], max_len: int, out_dir: Path, split: str,
+def prepare_prompts(tokenizer: Any, rows: Iterable[dict], max_len: int, out_dir: Path | Store, split: str,
                     min_new_tokens: int = 1, fold_system: bool = False) -> dict:
     import pyarrow as pa
 

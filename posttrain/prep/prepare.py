@@ -1,6 +1,9 @@
 """The prepare stage: raw JSONL → tokenized, masked (and for chat, packed) Parquet shards + manifest.json.
 
-Runs wherever the Airflow task runs (no GPU needed) and writes under `<workspace>/data/`.
+Runs wherever the Airflow task runs (no GPU needed) and writes under `<workspace>/data/`, a local
+folder or an object store (see storage_fs.Store): each Parquet shard is streamed to its object as it
+is written, and the manifest is written last, as one object, so a reader that finds it finds every
+shard it names.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from posttrain.prep.formats import prepare_preference, prepare_prompts
 from posttrain.prep.packing import Block, pack
 from posttrain.prep.tokenizer import TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import Store
 
 Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
 
@@ -59,9 +63,16 @@ def block_pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def write_blocks(blocks: list[Block], out_dir: Path, split: str) -> list[str]:
-    import pyarrow as pa
+def write_table(table: Any, target: Path | Store) -> None:
+    """One Parquet shard, streamed to its file or object (an object store gets it in parts)."""
     import pyarrow.parquet as pq
+
+    with target.open("wb") as fh:
+        pq.write_table(table, fh)
+
+
+def write_blocks(blocks: list[Block], out_dir: Path | Store, split: str) -> list[str]:
+    import pyarrow as pa
 
     names = []
     for start in range(0, max(len(blocks), 1), BLOCKS_PER_SHARD):
@@ -73,15 +84,14 @@ def write_blocks(blocks: list[Block], out_dir: Path, split: str) -> list[str]:
             "doc_lens": pa.array([b.doc_lens for b in chunk], type=pa.list_(pa.int32())),
         })
         name = f"{split}-{start // BLOCKS_PER_SHARD:05d}.parquet"
-        pq.write_table(table, out_dir / name)
+        write_table(table, out_dir / name)
         names.append(f"data/{name}")
     return names
 
 
-def write_documents(docs: list[tuple[list[int], list[bool]]], out_dir: Path, split: str) -> list[str]:
+def write_documents(docs: list[tuple[list[int], list[bool]]], out_dir: Path | Store, split: str) -> list[str]:
     """The streaming layout: tokenized documents, unpacked, with the mask of tokens that train."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     names = []
     per_shard = BLOCKS_PER_SHARD * 16
@@ -90,7 +100,7 @@ def write_documents(docs: list[tuple[list[int], list[bool]]], out_dir: Path, spl
         table = pa.table({"input_ids": pa.array([d[0] for d in chunk], type=pa.list_(pa.int32())),
                           "assistant_mask": pa.array([d[1] for d in chunk], type=pa.list_(pa.bool_()))})
         name = f"{split}-docs-{start // per_shard:05d}.parquet"
-        pq.write_table(table, out_dir / name)
+        write_table(table, out_dir / name)
         names.append(f"data/{name}")
     return names
 
@@ -99,7 +109,7 @@ class OverlongData(ValueError):
     pass
 
 
-def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split: str,
+def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
                   open_binary: Opener | None = None) -> dict:
     data = recipe.data
     rows = Rows(uri, open_binary)
@@ -126,7 +136,7 @@ def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split
     return stats
 
 
-def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Path, split: str,
+def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
                  open_binary: Opener | None = None) -> dict:
     max_len = recipe.data.max_seq_len
     docs, rows, examples, expanded, truncated, dropped, no_target = [], 0, 0, 0, 0, 0, 0
@@ -184,13 +194,14 @@ def require_teacher_tokenizer(recipe: Recipe, student_fingerprint: str) -> None:
             f"({recipe.tokenizer_uri}) has {student_fingerprint}; distillation needs the same tokenizer")
 
 
-def prepare(recipe: Recipe, workspace: Path, open_binary: Opener | None = None) -> dict:
-    """Tokenize, mask and pack the recipe's splits into workspace/data; return the manifest."""
+def prepare(recipe: Recipe, workspace: Path | str | Store, open_binary: Opener | None = None) -> dict:
+    """Tokenize, mask and pack the recipe's splits into workspace/data; return the manifest. The
+    workspace is a local folder, a URI (its filesystem configured from the environment) or a Store
+    (the Airflow task's, reached through the recipe's storage connection)."""
     tokenizer = load_tokenizer(recipe.tokenizer_uri)
     if recipe.kd is not None:  # refused here, before a cluster is started for it
         require_teacher_tokenizer(recipe, tokenizer_fingerprint(tokenizer))
-    out_dir = workspace / "data"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = (workspace if isinstance(workspace, Store) else Store.at(workspace)) / "data"
     splits = {"train": recipe.data.train}
     if recipe.data.eval:
         splits["eval"] = recipe.data.eval
@@ -209,7 +220,5 @@ def prepare(recipe: Recipe, workspace: Path, open_binary: Opener | None = None) 
         "splits": {name: prepare_split(tokenizer, uri, recipe, out_dir, name, open_binary)
                    for name, uri in splits.items()},
     }
-    tmp = out_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.rename(out_dir / "manifest.json")
+    (out_dir / "manifest.json").write_json(manifest)
     return manifest

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from posttrain.storage_fs import workspace_store
 from posttrain.uris import model_location
 
 
@@ -32,7 +33,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def require_same_tokenizer(location: str, workspace: Path) -> Any:
     """The tokenizer at `location`, if it is the one the workspace's data was prepared with."""
-    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    manifest = (workspace_store(workspace) / "data" / "manifest.json").read_json()
     expected = manifest["tokenizer"]["fingerprint"]
     tokenizer = load_tokenizer(location)
     actual = tokenizer_fingerprint(tokenizer)

@@ -1,7 +1,10 @@
 """What a Ray job runs: `python -m posttrain.training_lib.entrypoint <stage> --workspace URI`.
 
 The workspace holds `recipe.json` (written by the DAG's first task) and everything earlier
-stages produced, so a stage needs nothing else. Never imports airflow.
+stages produced, so a stage needs nothing else. It is a file:// folder or an s3:// prefix: on an
+object store the job reads the recipe, the prepared data and the checkpoints from there, works in a
+node-local staging folder for the rest and uploads its outputs at the end (storage_fs.job_workspace).
+Never imports airflow.
 """
 
 from __future__ import annotations
@@ -13,27 +16,32 @@ import sys
 from pathlib import Path
 
 from posttrain.recipe import Recipe
-from posttrain.uris import local_path
+from posttrain.storage_fs import Store, is_local, job_workspace
 
 STAGES = ("train", "evaluate")
 
 
-def load_workspace(uri: str) -> tuple[Recipe, Path]:
-    if not uri.startswith("file://") and "://" in uri:
-        raise SystemExit(f"workspace {uri}: Ray jobs need a file:// workspace")
-    workspace = local_path(uri)
-    recipe_file = workspace / "recipe.json"
+def load_workspace(uri: str, stage: str = "train") -> tuple[Recipe, Path]:
+    """The recipe and the job's local folder for the workspace `uri`."""
+    try:
+        recipe_file = Store.at(uri) / "recipe.json"
+    except ValueError as exc:
+        raise SystemExit(f"--workspace {uri}: {exc}") from None
     if not recipe_file.exists():
         raise SystemExit(f"{recipe_file} is missing: run the DAG's resolve_recipe task first")
-    return Recipe.model_validate(json.loads(recipe_file.read_text())), workspace
+    if stage == "evaluate" and not is_local(uri):
+        # Evaluation loads the exported model from a local folder; the per-node model cache that
+        # would bring it from the store is not built yet.
+        raise SystemExit(f"--workspace {uri}: the evaluate stage needs a file:// workspace for now")
+    return Recipe.model_validate(recipe_file.read_json()), job_workspace(uri)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="posttrain.training_lib.entrypoint")
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--workspace", required=True, help="the run workspace URI (file://...)")
+    parser.add_argument("--workspace", required=True, help="the run workspace URI (file://... or s3://...)")
     args = parser.parse_args(argv)
-    recipe, workspace = load_workspace(args.workspace)
+    recipe, workspace = load_workspace(args.workspace, args.stage)
     # Dispatch: a stage imports only what it runs (here, not at the top); one trainer module per
     # paradigm (trainers/sft.py, trainers/dpo.py, …), each with run().
     if args.stage == "train":

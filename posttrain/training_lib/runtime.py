@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from posttrain.planning import Plan
 from posttrain.prep.packing import IGNORE
 from posttrain.recipe import Recipe, TrainingConfig
+from posttrain.storage_fs import Store, fetch, job_workspace, publish, workspace_store, workspace_uri
 from posttrain.training_lib import checkpoint
 from posttrain.training_lib.export import export
 from posttrain.training_lib.metrics import StepLogger, make_step_logger, read_metrics, summarize_rows
@@ -59,8 +60,9 @@ class Worker:
         return self.mesh["dp"].get_group()
 
     @property
-    def checkpoints(self) -> Path:
-        return self.workspace / "checkpoints"
+    def checkpoints(self) -> Store:
+        """Where the workspace lives (an object store for an s3:// workspace), not the staging folder."""
+        return workspace_store(self.workspace) / "checkpoints"
 
 
 def choose_device(recipe: Recipe) -> str:
@@ -80,7 +82,7 @@ def start_worker(config: dict) -> Worker:
     """A Ray Train worker (its process group is Ray Train's), from the train loop's config."""
     recipe = Recipe.model_validate(config["recipe"])
     ctx = ray.train.get_context()
-    return make_worker(recipe, Path(config["workspace"]), ctx.get_world_rank(), ctx.get_world_size(),
+    return make_worker(recipe, job_workspace(config["workspace"]), ctx.get_world_rank(), ctx.get_world_size(),
                        choose_device(recipe))
 
 
@@ -129,7 +131,10 @@ def announce(worker: Worker, trainable: list[torch.nn.Parameter], report: LoadRe
 
 
 def step_logger(worker: Worker, max_steps: int, start_step: int) -> StepLogger:
-    """Per-step metrics to train/metrics.jsonl (and MLflow on rank 0), continuing at `start_step`."""
+    """Per-step metrics to train/metrics.jsonl (and MLflow on rank 0), continuing at `start_step`
+    (a job resumed on a node that never ran it starts from the workspace's copy)."""
+    if worker.rank == 0:
+        fetch(worker.workspace, "train/metrics.jsonl")
     return make_step_logger(worker.recipe, worker.workspace, worker.rank, worker.world, worker.device, max_steps,
                             worker.plan.as_dict(), start_step=start_step)
 
@@ -152,6 +157,8 @@ def save(worker: Worker, step: int, model: torch.nn.Module, optimizer: torch.opt
     """Collective: a complete checkpoint of step `step` with `state` (see resume); the plan's
     `keep_checkpoints` newest are kept."""
     checkpoint.save(worker.checkpoints, step, model, optimizer, state, worker.rank, worker.plan.keep_checkpoints)
+    if worker.rank == 0:  # an object-store workspace holds the steps up to its newest checkpoint, at least
+        publish(worker.workspace, "train/metrics.jsonl")
 
 
 def maybe_checkpoint(worker: Worker, step: int, max_steps: int, model: torch.nn.Module,
@@ -172,6 +179,9 @@ def finish(worker: Worker, model: torch.nn.Module, logger: StepLogger, max_steps
     model_dir = export_model(worker, model)
     if worker.rank == 0:
         summary = {"steps": max_steps, **summarize_rows(read_metrics(worker.workspace / "train" / "metrics.jsonl")),
-                   "model_dir": str(model_dir) if model_dir else None, "plan": worker.plan.as_dict(), **(extra or {})}
+                   # Where later stages find it: in the workspace, not this node's staging folder.
+                   "model_dir": f"{workspace_uri(worker.workspace)}/{model_dir.name}" if model_dir else None,
+                   "plan": worker.plan.as_dict(), **(extra or {})}
         (worker.workspace / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
+        publish(worker.workspace, "model", "adapter", "train")  # the summary last: the driver reads it
     dist.barrier()

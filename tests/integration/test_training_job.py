@@ -79,12 +79,13 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: d
     assert status == "SUCCEEDED", logs[-3000:]
 
     job = submit(hook, cluster, interrupted, "killed")
-    wait_for(interrupted / "checkpoints" / "step-00000005", hook, job)
+    wait_for(interrupted / "checkpoints" / "step-00000005" / "commit.json", hook, job)
     hook.stop_job(job)
     status, _ = wait(hook, job)
     assert status == "STOPPED"
-    resumed_at = int(sorted(p.name for p in (interrupted / "checkpoints").iterdir()
-                            if not p.name.endswith(".tmp"))[-1][len("step-"):])
+    # Complete checkpoints only: the job may have been stopped while it wrote the next one.
+    resumed_at = max(int(p.parent.name[len("step-"):])
+                     for p in (interrupted / "checkpoints").glob("step-*/commit.json"))
     assert resumed_at < steps, "the job finished before it could be killed; nothing was resumed"
 
     status, logs = wait(hook, submit(hook, cluster, interrupted, "resumed"))
@@ -94,7 +95,7 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: d
     # One Ray Train worker dies mid-run: FailureConfig restarts the group, which resumes from the
     # last checkpoint inside the same job.
     job = submit(hook, cluster, worker_lost, "worker-lost")
-    wait_for(worker_lost / "checkpoints" / "step-00000005", hook, job)
+    wait_for(worker_lost / "checkpoints" / "step-00000005" / "commit.json", hook, job)
     victims = train_workers(cluster)
     assert len(victims) == 2, [p.cmdline() for p in victims]
     victims[1].kill()

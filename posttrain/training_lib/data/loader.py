@@ -17,17 +17,24 @@ import pyarrow.parquet as pq
 import torch
 
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import workspace_store
 from posttrain.training_lib.data.streaming import StreamingLoader, StreamingPacker
 from posttrain.training_lib.seeding import derive_seed
 
 
 def read_manifest(workspace: Path) -> dict:
-    """data/manifest.json: the splits' shards and stats, and the tokenizer the data was prepared with."""
-    return json.loads((workspace / "data" / "manifest.json").read_text())
+    """data/manifest.json: the splits' shards and stats, and the tokenizer the data was prepared with
+    (read from where the workspace lives: its folder, or its object store for a job's staging folder)."""
+    return (workspace_store(workspace) / "data" / "manifest.json").read_json()
 
 
 def split_tables(workspace: Path, split: str) -> list:
-    return [pq.read_table(workspace / shard) for shard in read_manifest(workspace)["splits"][split]["shards"]]
+    store = workspace_store(workspace)
+    tables = []
+    for shard in read_manifest(workspace)["splits"][split]["shards"]:
+        with (store / shard).open("rb") as fh:  # one shard's bytes at a time, straight from the store
+            tables.append(pq.read_table(fh))
+    return tables
 
 
 def read_prompts(workspace: Path, split: str) -> list[dict]:

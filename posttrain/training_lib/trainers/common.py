@@ -3,7 +3,6 @@ training_lib/runtime.py; each trainer module keeps only its own loop."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from posttrain.prep.tokenizer import require_same_tokenizer
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import workspace_store, workspace_uri
 
 
 def fit(recipe: Recipe, workspace: Path, train_loop: Callable[[dict], None]) -> dict:
@@ -23,7 +23,7 @@ def fit(recipe: Recipe, workspace: Path, train_loop: Callable[[dict], None]) -> 
     use_gpu = c.gpus_per_worker > 0
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"recipe": recipe.model_dump(mode="json"), "workspace": str(workspace)},
+        train_loop_config={"recipe": recipe.model_dump(mode="json"), "workspace": workspace_uri(workspace)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=c.workers, use_gpu=use_gpu,
@@ -32,4 +32,4 @@ def fit(recipe: Recipe, workspace: Path, train_loop: Callable[[dict], None]) -> 
                              failure_config=FailureConfig(max_failures=2)),
     )
     trainer.fit()
-    return json.loads((workspace / "train" / "summary.json").read_text())
+    return (workspace_store(workspace) / "train" / "summary.json").read_json()

@@ -1,0 +1,256 @@
+"""Files of a run workspace at any URI: file:// (or a plain path) and s3:// through fsspec/s3fs.
+
+Both sides use it: the Airflow tasks (which pass the filesystem their storage connection built, see
+hooks/storage.py) and the Ray jobs (which build one from the environment: AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or the node's instance profile, as botocore finds them,
+and AWS_ENDPOINT_URL(_S3) for an S3-compatible server such as moto's).
+
+Object stores have no rename and no directories: a `Store` writes whole objects (`write_bytes`: a
+single PUT on S3, a write aside and an os.replace on a local disk, so a reader never sees half of
+one), and "a folder" is the prefix of the objects under it. Torch-free and airflow-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+SCHEMES = ("file", "s3")
+
+
+def scheme(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def is_local(uri: str) -> bool:
+    return scheme(uri) == "file"
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """What fsspec needs beyond the URI to reach the store, from the environment. Listings are never
+    cached: a checkpoint another rank or an earlier job committed must be seen at once."""
+    if scheme(uri) != "s3":
+        return {}
+    opts: dict[str, Any] = {"use_listings_cache": False}
+    # botocore reads AWS_ENDPOINT_URL itself, but not every s3fs/aiobotocore pairing passes it on.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
+    """The filesystem for `uri` (configured from the environment) and the path on it."""
+    if scheme(uri) not in SCHEMES:
+        raise ValueError(f"{uri}: storage scheme {scheme(uri)!r} is not supported; use file:// or s3://")
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    return fs, path
+
+
+@dataclass(frozen=True)
+class Store:
+    """One location (a file or a folder) of a workspace: its URI, and the filesystem and path that
+    reach it. `Store.at(uri)` configures the filesystem from the environment; `Store.at(uri, fs)`
+    uses the one given (the Airflow task's, built from its connection)."""
+
+    uri: str
+    fs: AbstractFileSystem
+    path: str
+
+    @classmethod
+    def at(cls, uri: str | Path, fs: AbstractFileSystem | None = None) -> Store:
+        uri = str(uri).rstrip("/")
+        if fs is None:
+            fs, path = filesystem(uri)
+        else:
+            path = fs._strip_protocol(uri)
+        return cls(uri, fs, path)
+
+    def __truediv__(self, name: str) -> Store:
+        name = name.strip("/")
+        return Store(f"{self.uri}/{name}", self.fs, f"{self.path}/{name}")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def local(self) -> Path | None:
+        """The local path for file:// (None on an object store)."""
+        return Path(self.path) if is_local(self.uri) else None
+
+    def open(self, mode: str = "rb") -> IO[Any]:
+        """A stream; writing one uploads in parts as it goes (s3fs's block size), so a writer holds
+        one part in memory, not the whole object."""
+        if "w" in mode and is_local(self.uri):
+            self.fs.makedirs(self.fs._parent(self.path), exist_ok=True)
+        return self.fs.open(self.path, mode)
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self.path)
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.path)
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def read_json(self) -> Any:
+        try:
+            return json.loads(self.read_bytes())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.uri}: not valid JSON ({exc})") from exc
+
+    def write_bytes(self, data: bytes) -> None:
+        """The whole object at once: readers see the old one or the new one, never part of one."""
+        if is_local(self.uri):
+            target = Path(self.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(self.path, data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def write_json(self, data: Any) -> None:
+        self.write_text(json.dumps(data, indent=2))
+
+    def listdir(self) -> list[str]:
+        """Names of the entries directly below (files and prefixes); [] where there is nothing."""
+        try:
+            entries = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != self.path)
+
+    def sizes(self) -> dict[str, int]:
+        """Every file below, by path relative to here, with its size in bytes."""
+        found = self.fs.find(self.path, detail=True)
+        return {p[len(self.path):].lstrip("/"): int(info["size"]) for p, info in found.items()
+                if info.get("type") != "directory"}
+
+    def remove(self) -> None:
+        """This file, or everything below this folder; nothing there is not an error."""
+        if self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
+
+    def put_tree(self, local: Path) -> int:
+        """Upload every file under the local folder `local` to here; returns the number of files."""
+        count = 0
+        for item in sorted(local.rglob("*")):
+            if item.is_file():
+                with item.open("rb") as src, (self / str(item.relative_to(local))).open("wb") as dst:
+                    while chunk := src.read(8 << 20):
+                        dst.write(chunk)
+                count += 1
+        return count
+
+    def get_tree(self, local: Path) -> int:
+        """Download every file below here into the local folder `local`; returns the number of files."""
+        count = 0
+        for rel in self.sizes():
+            target = local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with (self / rel).open("rb") as src, target.open("wb") as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+            count += 1
+        return count
+
+
+# A Ray job works on a workspace URI through two places: the Store (data, checkpoints, and what the
+# job hands to later stages) and a local folder for what libraries can only write to a disk (the
+# step log as it grows, MLflow's SQLite file, Ray Train's own storage, the export before upload).
+# For file:// both are the workspace itself. For s3:// the folder is a node-local staging folder
+# whose path is a pure function of the URI, so every process on any node finds the same one and
+# the URI can be read back from the path (`workspace_store`) without any file linking the two.
+
+
+def _staging_root() -> Path:
+    from posttrain.paths import posttrain_home
+
+    return posttrain_home() / "staging"
+
+
+def job_workspace(uri: str) -> Path:
+    """The local folder a job works in for the workspace `uri` (created for an object store)."""
+    if is_local(uri):
+        return Path(uri.removeprefix("file://"))
+    if scheme(uri) not in SCHEMES:
+        raise ValueError(f"workspace {uri}: storage scheme {scheme(uri)!r} is not supported; use file:// or s3://")
+    folder = _staging_root() / scheme(uri) / uri.split("://", 1)[1].strip("/")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def workspace_uri(workspace: Path | str) -> str:
+    """The workspace URI of a job's local folder (see job_workspace): the folder itself for file://.
+    A URI is returned as it is."""
+    if isinstance(workspace, str) and not is_local(workspace):
+        return workspace
+    path = Path(str(workspace).removeprefix("file://")).resolve()
+    root = _staging_root().resolve()
+    if path.is_relative_to(root):
+        rel = path.relative_to(root)
+        return f"{rel.parts[0]}://{'/'.join(rel.parts[1:])}"
+    return str(workspace)
+
+
+def workspace_store(workspace: Path | str) -> Store:
+    """Where the workspace's data and checkpoints live, from a job's local folder or a URI."""
+    return Store.at(workspace_uri(workspace))
+
+
+def publish(workspace: Path, *names: str) -> list[str]:
+    """Upload the job's local `names` (files or folders of its staging folder) to the workspace's
+    object store, replacing what is there; nothing to do for a file:// workspace. Returns the names
+    uploaded."""
+    uri = workspace_uri(workspace)
+    if is_local(uri):
+        return []
+    store, done = Store.at(uri), []
+    for name in names:
+        local = workspace / name
+        if local.is_dir():
+            (store / name).remove()
+            (store / name).put_tree(local)
+        elif local.is_file():
+            (store / name).write_bytes(local.read_bytes())
+        else:
+            continue
+        done.append(name)
+    return done
+
+
+def fetch(workspace: Path, *names: str) -> list[str]:
+    """Download the workspace's `names` (files or folders) into the job's staging folder where it
+    lacks them (a job resumed on a node that never ran it); nothing to do for a file:// workspace."""
+    uri = workspace_uri(workspace)
+    if is_local(uri):
+        return []
+    store, done = Store.at(uri), []
+    for name in names:
+        if (workspace / name).exists() or not (store / name).exists():
+            continue
+        if (store / name).is_dir():
+            (store / name).get_tree(workspace / name)
+        else:
+            (workspace / name).parent.mkdir(parents=True, exist_ok=True)
+            (workspace / name).write_bytes((store / name).read_bytes())
+        done.append(name)
+    return done

@@ -1,0 +1,144 @@
+"""The run workspace on moto's S3 server (loopback) and on a local disk, through the same code:
+the Store, prepare's shards and manifest, and DCP checkpoints with their commit marker (a checkpoint
+without its marker is never resumed from; pruning keeps the newest complete ones)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from posttrain.prep.prepare import prepare
+from posttrain.recipe import load_recipe
+from posttrain.storage_fs import Store, job_workspace, publish, workspace_uri
+from posttrain.training_lib import checkpoint
+from posttrain.training_lib.data.loader import read_blocks, read_documents, read_manifest
+from tests.conftest import write_recipe
+
+
+@pytest.fixture
+def s3_root(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the moto server, reached from the environment as a Ray job reaches it."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    bucket = f"ws-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/runs"
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return str(tmp_path / "ws") if request.param == "local" else request.getfixturevalue("s3_root")
+
+
+def test_store_reads_writes_lists_and_removes(root: str) -> None:
+    store = Store.at(root)
+    assert store.listdir() == [] and not (store / "x.json").exists()
+    (store / "a" / "x.json").write_json({"a": 1})
+    with (store / "a" / "b.bin").open("wb") as fh:
+        fh.write(b"0123456789")
+    assert (store / "a" / "x.json").read_json() == {"a": 1}
+    assert store.listdir() == ["a"] and (store / "a").listdir() == ["b.bin", "x.json"]
+    assert (store / "a").sizes() == {"b.bin": 10, "x.json": len((store / "a" / "x.json").read_bytes())}
+    (store / "a" / "b.bin").remove()
+    assert (store / "a").listdir() == ["x.json"]
+    (store / "a").remove()
+    assert store.listdir() == []
+    (store / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
+        (store / "bad.json").read_json()
+
+
+def test_staging_folder_maps_back_to_its_uri(s3_root: str, tmp_path: Path) -> None:
+    staging = job_workspace(f"{s3_root}/r1")
+    assert staging.is_dir() and workspace_uri(staging) == f"{s3_root}/r1"
+    assert workspace_uri(tmp_path) == str(tmp_path) and job_workspace(f"file://{tmp_path}") == tmp_path
+    (staging / "train").mkdir()
+    (staging / "train" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert publish(staging, "train", "model") == ["train"]
+    assert (Store.at(f"{s3_root}/r1") / "train" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    with pytest.raises(ValueError, match="'gs' is not supported"):
+        job_workspace("gs://bucket/ws")
+
+
+@pytest.mark.parametrize("mode", ["offline", "streaming"])
+def test_prepare_to_s3_gives_the_local_shards(s3_root: str, tmp_path: Path, tiny_model: Path, mode: str) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, data={"packing": {"mode": mode}}))
+    local, remote = tmp_path / "local", f"{s3_root}/prep-{mode}"
+    assert prepare(recipe, local) == prepare(recipe, remote)
+    manifest = read_manifest(local)
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    assert shards and all((Store.at(remote) / s).read_bytes() == (local / s).read_bytes() for s in shards)
+    # The job reads them back from the store through its staging folder, which holds no data.
+    staging = job_workspace(remote)
+    if mode == "streaming":
+        assert read_documents(staging, "train") == read_documents(local, "train")
+    blocks, want = read_blocks(staging, "eval"), read_blocks(local, "eval")
+    assert all(blocks[k].equal(want[k]) for k in want)
+    assert not (staging / "data").exists()
+
+
+@pytest.fixture
+def process_group() -> Iterator[None]:
+    """A one-rank gloo group: the collectives of save/load run as in a job of one worker."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(8, 16)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_checkpoint_commit_marker_resume_and_pruning(root: str, process_group: None) -> None:
+    ckpts = Store.at(root) / "checkpoints"
+    model, optimizer = _model_and_optimizer(0)
+    for step in (2, 4, 6):
+        checkpoint.save(ckpts, step, model, optimizer, {"batch": step}, rank=0, keep=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step-00000004", "step-00000006"]
+    assert ckpts.listdir() == ["step-00000004", "step-00000006"]
+    # A job killed while writing step 8: every shard is there, the marker is not.
+    partial = ckpts / "step-00000008"
+    for name in (ckpts / "step-00000006").sizes():
+        if name != checkpoint.COMMIT:
+            (partial / name).write_bytes((ckpts / "step-00000006" / name).read_bytes())
+    assert checkpoint.latest_checkpoint(ckpts).name == "step-00000006"
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    model(torch.randn(8, 16)).sum().backward()
+    optimizer.step()
+    assert any(not saved[k].equal(v) for k, v in model.state_dict().items())
+    step, state = checkpoint.load(checkpoint.latest_checkpoint(ckpts), model, optimizer, rank=0)
+    assert (step, state) == (6, {"batch": 6})
+    assert all(saved[k].equal(v) for k, v in model.state_dict().items())
+
+    # Step 8 written again (the resumed job got there): the leftover is replaced and committed, and
+    # pruning then keeps the two newest complete ones.
+    checkpoint.save(ckpts, 8, model, optimizer, {"batch": 8}, rank=0, keep=2)
+    assert ckpts.listdir() == ["step-00000006", "step-00000008"]
+    assert checkpoint.latest_checkpoint(ckpts).name == "step-00000008"
+
+
+def test_checkpoint_with_a_missing_shard_is_refused(root: str, process_group: None) -> None:
+    ckpts = Store.at(root) / "checkpoints"
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.save(ckpts, 1, model, optimizer, {}, rank=0, keep=1)
+    shard = next(n for n in path.listdir() if n.endswith(".distcp"))
+    (path / shard).remove()
+    with pytest.raises(RuntimeError, match=f"step-00000001: 1 of the files its commit.json names.*{shard}"):
+        checkpoint.load(path, model, optimizer, rank=0)

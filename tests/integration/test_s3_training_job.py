@@ -1,0 +1,106 @@
+"""The training job with an s3:// workspace (moto's server on loopback) on a local Ray head: the
+prepared data, the checkpoints and the outputs live in the bucket. A run stopped mid-way and
+submitted again, after its node-local staging folder was wiped, resumes from the newest complete
+checkpoint in the bucket and ends exactly where an uninterrupted run ends: same loss at every step,
+same final weights, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load as load_safetensors
+
+from posttrain.hooks.ray import TERMINAL_STATES, RayJobHook
+from posttrain.prep.prepare import prepare
+from posttrain.recipe import Recipe, load_recipe
+from posttrain.storage_fs import Store, job_workspace
+from posttrain.training_lib import checkpoint
+from tests.conftest import local_ray_head, write_recipe
+from tests.integration.test_training_job import wait
+
+ENTRY = "{python} -m posttrain.training_lib.entrypoint train --workspace {uri}"
+
+
+@pytest.fixture(scope="module")
+def s3_cluster(moto_server: str) -> Iterator[dict[str, Any]]:
+    """A local Ray head whose processes reach the bucket from their environment (credentials and the
+    endpoint, as a node on EC2 has its instance profile), and a fresh bucket on the moto server."""
+    import boto3
+
+    before = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = moto_server
+    bucket = f"runs-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    try:
+        for info in local_ray_head(num_cpus=3):
+            yield {**info, "bucket": bucket}
+    finally:
+        if before is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = before
+
+
+def new_workspace(uri: str, recipe: Recipe) -> Store:
+    store = Store.at(uri)
+    (store / "recipe.json").write_text(recipe.model_dump_json())
+    prepare(recipe, uri)
+    return store
+
+
+def losses(store: Store) -> dict[int, float]:
+    rows = [json.loads(x) for x in (store / "train" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_killed_run_resumes_exactly_from_s3(tmp_path: Path, tiny_model: Path, s3_cluster: dict) -> None:
+    steps, root = 20, f"s3://{s3_cluster['bucket']}/resume"
+    recipe = load_recipe(write_recipe(
+        tmp_path, name="resume-s3", data={"packing": {"mode": "streaming", "buffer_docs": 64}},
+        storage={"root": root},
+        training={"max_steps": steps, "checkpoint_every": 5, "keep_checkpoints": 2, "learning_rate": 1e-3}))
+    straight, interrupted = new_workspace(f"{root}/straight", recipe), new_workspace(f"{root}/interrupted", recipe)
+    hook = RayJobHook(address=s3_cluster["dashboard_url"], token_file=s3_cluster["token_file"])
+
+    def submit(store: Store, job_id: str) -> str:
+        return hook.submit_job(ENTRY.format(python=s3_cluster["python"], uri=store.uri), job_id)
+
+    status, logs = wait(hook, submit(straight, "s3-straight"))
+    assert status == "SUCCEEDED", logs[-3000:]
+
+    job = submit(interrupted, "s3-killed")
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_complete(interrupted / "checkpoints" / "step-00000005"):
+        assert time.monotonic() < deadline and hook.get_job(job)["status"] not in TERMINAL_STATES
+        time.sleep(0.2)
+    hook.stop_job(job)
+    status, _ = wait(hook, job)
+    assert status == "STOPPED"
+    latest = checkpoint.latest_checkpoint(interrupted / "checkpoints")
+    resumed_at = int(latest.name[len("step-"):])
+    assert resumed_at < steps, "the job finished before it could be killed; nothing was resumed"
+    # Nothing of the first attempt on this node's disk: the resume has only the bucket.
+    shutil.rmtree(job_workspace(interrupted.uri))
+
+    status, logs = wait(hook, submit(interrupted, "s3-resumed"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert f"resumed from {latest.uri} at step {resumed_at}" in logs
+
+    assert losses(interrupted) == losses(straight)
+    assert sorted(losses(straight)) == list(range(1, steps + 1))
+    a, b = (load_safetensors((s / "model" / "model.safetensors").read_bytes()) for s in (straight, interrupted))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # What is left in the bucket: the kept complete checkpoints only, and the job's outputs.
+    for store in (straight, interrupted):
+        assert (store / "checkpoints").listdir() == [f"step-{s:08d}" for s in (15, 20)]
+        assert all(checkpoint.is_complete(p) for p in checkpoint.complete_checkpoints(store / "checkpoints"))
+        summary = (store / "train" / "summary.json").read_json()
+        assert summary["steps"] == steps and summary["model_dir"] == f"{store.uri}/model"

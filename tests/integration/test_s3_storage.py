@@ -142,3 +142,24 @@ def test_checkpoint_with_a_missing_shard_is_refused(root: str, process_group: No
     (path / shard).remove()
     with pytest.raises(RuntimeError, match=f"step-00000001: 1 of the files its commit.json names.*{shard}"):
         checkpoint.load(path, model, optimizer, rank=0)
+
+
+def test_prepare_task_writes_to_s3_through_its_connection(s3_root: str, moto_server: str, tmp_path: Path,
+                                                          tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Airflow task reaches the bucket with the recipe's storage connection alone (no endpoint
+    or credentials in its environment) and returns the manifest's URI in the workspace."""
+    from posttrain.operators.prepare import PrepareDataOperator
+
+    recipe = load_recipe(write_recipe(tmp_path))
+    workspace = f"{s3_root}/task"
+    (Store.at(workspace) / "recipe.json").write_text(recipe.model_dump_json())
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    out = PrepareDataOperator(task_id="prepare_data", workspace=workspace, storage_conn_id="aws_moto").execute({})
+    assert out["manifest"] == f"{workspace}/data/manifest.json"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    manifest = (Store.at(workspace) / "data" / "manifest.json").read_json()
+    assert out["splits"]["train"]["rows"] == manifest["splits"]["train"]["rows"] > 0
+    assert all((Store.at(workspace) / s).exists() for s in manifest["splits"]["train"]["shards"])

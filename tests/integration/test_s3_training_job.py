@@ -2,7 +2,9 @@
 prepared data, the checkpoints and the outputs live in the bucket. A run stopped mid-way and
 submitted again, after its node-local staging folder was wiped, resumes from the newest complete
 checkpoint in the bucket and ends exactly where an uninterrupted run ends: same loss at every step,
-same final weights, bit for bit."""
+same final weights, bit for bit. The jobs reach the bucket with the storage connection's
+credentials, which the head got in its environment: they are in no job's details or logs, and
+nowhere in the workspace."""
 
 from __future__ import annotations
 
@@ -31,22 +33,34 @@ ENTRY = "{python} -m posttrain.training_lib.entrypoint train --workspace {uri}"
 
 @pytest.fixture(scope="module")
 def s3_cluster(moto_server: str) -> Iterator[dict[str, Any]]:
-    """A local Ray head whose processes reach the bucket from their environment (credentials and the
-    endpoint, as a node on EC2 has its instance profile), and a fresh bucket on the moto server."""
+    """A fresh bucket, a storage connection with a secret of its own, and a local Ray head started
+    with that connection's node environment (StorageHook.node_environment: what the setup task of a
+    local head gives it, as a node on EC2 has its instance profile)."""
     import boto3
 
-    before = os.environ.get("AWS_ENDPOINT_URL")
-    os.environ["AWS_ENDPOINT_URL"] = moto_server
+    from posttrain.hooks.storage import StorageHook
+
+    secret = f"secret-{uuid.uuid4().hex}"
+    os.environ["AIRFLOW_CONN_AWS_RUNS"] = json.dumps({
+        "conn_type": "aws", "login": "runs-key", "password": secret,
+        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}})
+    env = StorageHook("aws_runs").node_environment()
+    assert env == {"AWS_ACCESS_KEY_ID": "runs-key", "AWS_SECRET_ACCESS_KEY": secret,
+                   "AWS_ENDPOINT_URL_S3": moto_server, "AWS_DEFAULT_REGION": "us-east-1"}
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # this process (prepare, the checks) reaches the bucket the same way
     bucket = f"runs-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     try:
         for info in local_ray_head(num_cpus=3):
-            yield {**info, "bucket": bucket}
+            yield {**info, "bucket": bucket, "secret": secret}
     finally:
-        if before is None:
-            os.environ.pop("AWS_ENDPOINT_URL", None)
-        else:
-            os.environ["AWS_ENDPOINT_URL"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.environ.pop("AIRFLOW_CONN_AWS_RUNS", None)
 
 
 def new_workspace(uri: str, recipe: Recipe) -> Store:
@@ -104,3 +118,13 @@ def test_killed_run_resumes_exactly_from_s3(tmp_path: Path, tiny_model: Path, s3
         assert all(checkpoint.is_complete(p) for p in checkpoint.complete_checkpoints(store / "checkpoints"))
         summary = (store / "train" / "summary.json").read_json()
         assert summary["steps"] == steps and summary["model_dir"] == f"{store.uri}/model"
+
+    # The secret is in no job's details (entrypoint, runtime_env, metadata) or logs, nor in the
+    # workspace or the staging folder.
+    secret = s3_cluster["secret"]
+    for job_id in ("s3-straight", "s3-killed", "s3-resumed"):
+        assert secret not in json.dumps(hook.get_job(job_id)) and secret not in hook.get_job_logs(job_id)
+    workspace = Store.at(root)
+    assert all(secret.encode() not in (workspace / name).read_bytes() for name in workspace.sizes())
+    staged = [p for p in job_workspace(straight.uri).rglob("*") if p.is_file()]
+    assert staged and all(secret.encode() not in p.read_bytes() for p in staged)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig
 
 from posttrain.recipe import GrpoConfig, Recipe
+from posttrain.storage_fs import publish
 from posttrain.training_lib.data.loader import read_manifest
 from posttrain.training_lib.losses.grpo import group_advantages
 from posttrain.training_lib.metrics import read_metrics, summarize_rows
@@ -173,4 +174,5 @@ def finish(roles: Roles, workspace: Path, max_steps: int) -> dict:
     if logged:
         summary.update(reward_first=logged[0]["reward/mean"], reward_last=logged[-1]["reward/mean"])
     (workspace / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
+    publish(workspace, "model", "adapter", "train")  # an s3:// workspace: the outputs go to the bucket
     return summary

@@ -3,7 +3,8 @@
 The workspace holds `recipe.json` (written by the DAG's first task) and everything earlier
 stages produced, so a stage needs nothing else. It is a file:// folder or an s3:// prefix: on an
 object store the job reads the recipe, the prepared data and the checkpoints from there, works in a
-node-local staging folder for the rest and uploads its outputs at the end (storage_fs.job_workspace).
+node-local staging folder for the rest and uploads its outputs at the end (storage_fs.job_workspace);
+the evaluate job first downloads the export there when the node lacks it.
 Never imports airflow.
 """
 
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from posttrain.recipe import Recipe
-from posttrain.storage_fs import Store, is_local, job_workspace
+from posttrain.storage_fs import Store, fetch, job_workspace, publish
 
 STAGES = ("train", "evaluate")
 
@@ -29,11 +30,12 @@ def load_workspace(uri: str, stage: str = "train") -> tuple[Recipe, Path]:
         raise SystemExit(f"--workspace {uri}: {exc}") from None
     if not recipe_file.exists():
         raise SystemExit(f"{recipe_file} is missing: run the DAG's resolve_recipe task first")
-    if stage == "evaluate" and not is_local(uri):
-        # Evaluation loads the exported model from a local folder; the per-node model cache that
-        # would bring it from the store is not built yet.
-        raise SystemExit(f"--workspace {uri}: the evaluate stage needs a file:// workspace for now")
-    return Recipe.model_validate(recipe_file.read_json()), job_workspace(uri)
+    recipe, workspace = Recipe.model_validate(recipe_file.read_json()), job_workspace(uri)
+    if stage == "evaluate":
+        # vLLM and transformers load the export from a local folder: a node that did not train
+        # brings it from the store into its staging folder (once; no cache shared across runs yet).
+        fetch(workspace, "model", "adapter")
+    return recipe, workspace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.training_lib.evaluation import run as evaluation
 
         result = evaluation.run(recipe, workspace)
+        publish(workspace, "eval")  # an object-store workspace: the results go to the bucket
     print(f"posttrain {args.stage} finished: {json.dumps(result)}", flush=True)
     return 0
 

@@ -65,7 +65,7 @@ def test_grpo_stopped_job_resumes_exactly(tmp_path: Path, tiny_teacher: Path, ra
     assert status == "SUCCEEDED", logs[-4000:]
 
     job = submit(hook, ray_cluster, stopped, "grpo-stopped")
-    wait_for(stopped / "checkpoints" / "step-00000005", hook, job, timeout=300)
+    wait_for(stopped / "checkpoints" / "step-00000005" / "commit.json", hook, job, timeout=300)
     hook.stop_job(job)
     assert wait(hook, job)[0] == "STOPPED"
     status, logs = wait(hook, submit(hook, ray_cluster, stopped, "grpo-resumed"), timeout=600)
@@ -105,7 +105,7 @@ def test_a_dead_policy_actor_fails_the_job_at_once_and_a_retry_resumes(tmp_path:
     workspace = new_workspace(tmp_path / "ws", recipe)
     hook = RayJobHook(address=ray_cluster["dashboard_url"], token_file=ray_cluster["token_file"])
     job = submit(hook, ray_cluster, workspace, "grpo-actor-dies")
-    wait_for(workspace / "checkpoints" / "step-00000005", hook, job, timeout=300)
+    wait_for(workspace / "checkpoints" / "step-00000005" / "commit.json", hook, job, timeout=300)
     actors = [p for p in LocalRayCluster.processes(ray_cluster)
               if "ray::PolicyWorker" in " ".join(p.cmdline() if p.is_running() else [])]
     assert len(actors) == 2, [p.cmdline() for p in actors]

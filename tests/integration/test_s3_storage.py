@@ -163,3 +163,21 @@ def test_prepare_task_writes_to_s3_through_its_connection(s3_root: str, moto_ser
     manifest = (Store.at(workspace) / "data" / "manifest.json").read_json()
     assert out["splits"]["train"]["rows"] == manifest["splits"]["train"]["rows"] > 0
     assert all((Store.at(workspace) / s).exists() for s in manifest["splits"]["train"]["shards"])
+
+
+def test_node_environment_reaches_the_bucket_alone(s3_root: str, moto_server: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a local head gets from the storage connection is all a job needs to reach the bucket;
+    without an AWS connection there is nothing to give."""
+    from posttrain.hooks.storage import StorageHook
+
+    assert StorageHook(None).node_environment() == {}
+    env = StorageHook("aws_moto").node_environment()
+    assert env == {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_ENDPOINT_URL_S3": moto_server, "AWS_DEFAULT_REGION": "us-east-1"}
+    (StorageHook("aws_moto").store(s3_root) / "hello.txt").write_text("from the task")
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert (Store.at(s3_root) / "hello.txt").read_text() == "from the task"

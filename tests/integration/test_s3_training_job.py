@@ -2,7 +2,8 @@
 prepared data, the checkpoints and the outputs live in the bucket. A run stopped mid-way and
 submitted again, after its node-local staging folder was wiped, resumes from the newest complete
 checkpoint in the bucket and ends exactly where an uninterrupted run ends: same loss at every step,
-same final weights, bit for bit. The jobs reach the bucket with the storage connection's
+same final weights, bit for bit; the evaluate job of another node fetches the export from the
+bucket. The jobs reach the bucket with the storage connection's
 credentials, which the head got in its environment: they are in no job's details or logs, and
 nowhere in the workspace."""
 
@@ -119,10 +120,18 @@ def test_killed_run_resumes_exactly_from_s3(tmp_path: Path, tiny_model: Path, s3
         summary = (store / "train" / "summary.json").read_json()
         assert summary["steps"] == steps and summary["model_dir"] == f"{store.uri}/model"
 
+    # Evaluation on a node that did not train (its staging folder wiped): the export comes from the
+    # bucket, the results go there.
+    shutil.rmtree(job_workspace(straight.uri))
+    evaluate = ENTRY.replace(" train ", " evaluate ").format(python=s3_cluster["python"], uri=straight.uri)
+    status, logs = wait(hook, hook.submit_job(evaluate, "s3-evaluate"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert (straight / "eval" / "metrics.json").read_json()["eval_loss"] > 0
+
     # The secret is in no job's details (entrypoint, runtime_env, metadata) or logs, nor in the
     # workspace or the staging folder.
     secret = s3_cluster["secret"]
-    for job_id in ("s3-straight", "s3-killed", "s3-resumed"):
+    for job_id in ("s3-straight", "s3-killed", "s3-resumed", "s3-evaluate"):
         assert secret not in json.dumps(hook.get_job(job_id)) and secret not in hook.get_job_logs(job_id)
     workspace = Store.at(root)
     assert all(secret.encode() not in (workspace / name).read_bytes() for name in workspace.sizes())

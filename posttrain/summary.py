@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from posttrain.paths import run_workspace
 from posttrain.recipe import Recipe
-from posttrain.uris import local_path
+from posttrain.storage_fs import Store
 
 
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+def _read(path: Store) -> Any:
+    return path.read_json() if path.exists() else None
 
 
 def run_summary(recipe: Recipe, run_id: str, task_states: dict[str, str], run_state: str) -> str:
-    workspace = local_path(run_workspace(recipe.storage.root, recipe.name, run_id))
+    # A local folder or the bucket (reached with the AWS_* of this environment).
+    workspace = Store.at(run_workspace(recipe.storage.root, recipe.name, run_id))
     lines = [f"{recipe.dag_id}  run {run_id}: {run_state}", f"  workspace {workspace}", "  tasks:"]
     lines += [f"    {task:<22} {state}" for task, state in task_states.items()]
     if manifest := _read(workspace / "data" / "manifest.json"):
@@ -35,7 +34,7 @@ def run_summary(recipe: Recipe, run_id: str, task_states: dict[str, str], run_st
     if decision := _read(workspace / "promotion" / "decision.json"):
         verdict = f"promoted as {decision['version']}" if decision["promoted"] else "kept the champion"
         lines.append(f"  promotion: {verdict}: {decision['reason']}")
-    if champion := _read(local_path(recipe.champion_uri)) if recipe.champion_uri.startswith("file://") else None:
+    if champion := _read(Store.at(recipe.champion_uri)):
         lines.append(f"  champion: {champion['version']} ({champion['metric']} {champion['value']:.4f}) "
                      f"at {champion['model_uri']}")
     return "\n".join(lines)

@@ -181,3 +181,15 @@ def test_node_environment_reaches_the_bucket_alone(s3_root: str, moto_server: st
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert (Store.at(s3_root) / "hello.txt").read_text() == "from the task"
+
+
+def test_run_summary_reads_an_s3_workspace(s3_root: str, tmp_path: Path) -> None:
+    from posttrain.paths import run_workspace
+    from posttrain.summary import run_summary
+
+    recipe = load_recipe(write_recipe(tmp_path, storage={"root": s3_root}))
+    workspace = Store.at(run_workspace(s3_root, recipe.name, "manual__1"))
+    (workspace / "train" / "summary.json").write_json({"steps": 4, "first_loss": 2.5, "last_loss": 1.25})
+    (workspace / "eval" / "metrics.json").write_json({"eval_loss": 1.5})
+    text = run_summary(recipe, "manual__1", {"train": "success"}, "success")
+    assert f"workspace {workspace.uri}" in text and "loss 2.5000 → 1.2500" in text and "eval_loss 1.5000" in text

@@ -25,7 +25,9 @@ MAX_PARAM_CHARS = 500  # what every MLflow server accepts (newer ones take 6000)
 def tracking_uri(recipe: Recipe, workspace: Path) -> str:
     """The recipe's tracking URI, else a SQLite file: `<storage root>/<recipe>/mlflow.db` for a
     file:// root (one database per recipe, its runs side by side). SQLite needs a filesystem with
-    locks, so it can't live on S3: for an s3:// root the file goes in the run's (local) workspace."""
+    locks, so it can't live on S3: for an s3:// root the file goes in the job's node-local staging
+    folder (train/mlflow.db, see storage_fs.job_workspace) and reaches the bucket with train/ when the
+    job ends, one database per run."""
     if recipe.tracking.mlflow_uri:
         return recipe.tracking.mlflow_uri
     if recipe.storage.root.startswith("s3://"):

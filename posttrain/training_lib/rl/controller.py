@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig
 
 from posttrain.recipe import GrpoConfig, Recipe
-from posttrain.storage_fs import publish
+from posttrain.storage_fs import publish, workspace_uri
 from posttrain.training_lib.data.loader import read_manifest
 from posttrain.training_lib.losses.grpo import group_advantages
 from posttrain.training_lib.metrics import read_metrics, summarize_rows
@@ -80,7 +80,8 @@ def start_roles(recipe: Recipe, workspace: Path, tokenizer: Any) -> Roles:
     actor = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker)(PolicyWorker)
     policy = [actor.remote() for _ in range(c.workers)]
     host, port = ray.get(policy[0].node_address.remote())
-    infos = on_policy([p.init.remote(recipe.model_dump_json(), str(workspace), r, c.workers, f"{host}:{port}")
+    infos = on_policy([p.init.remote(recipe.model_dump_json(), workspace_uri(workspace), r, c.workers,
+                                     f"{host}:{port}")
                        for r, p in enumerate(policy)])
     plan = infos[0]["plan"]
     base_dir = str(model_dir(recipe.model.base))

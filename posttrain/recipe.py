@@ -24,6 +24,8 @@ from posttrain.uris import resolve_uri
 
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 _CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
+# How long a dashboard may fail transiently while a job is followed (the hooks' default too).
+DEFAULT_RETRY_WINDOW_S = 300.0
 
 
 class RecipeError(ValueError):
@@ -191,6 +193,19 @@ class TrackingConfig(_Strict):
     peak_tflops: float | None = Field(None, gt=0)  # device peak for MFU; default: a table of known GPUs
 
 
+class AirflowConfig(_Strict):
+    """How the Airflow tasks wait for the Ray jobs of train and evaluate."""
+
+    deferrable: bool | None = Field(None, description="Wait in the triggerer (true) or in a worker slot (false); "
+                                    "default: Airflow's [operators] default_deferrable")
+    job_timeout_s: int = Field(24 * 3600, ge=10, description="How long train or evaluate may run: the deferral "
+                               "timeout while deferred, the task's execution timeout otherwise; then the job is "
+                               "stopped and the task fails")
+    dashboard_retry_window_s: float = Field(DEFAULT_RETRY_WINDOW_S, ge=0, le=24 * 3600, description="How long "
+                                            "the Ray dashboard may keep failing transiently (refused, reset, 5xx, "
+                                            "timeouts) before the task fails and stops its job")
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     paradigm: Paradigm = "sft"
@@ -207,6 +222,7 @@ class Recipe(_Strict):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    airflow: AirflowConfig = Field(default_factory=AirflowConfig)
     dpo: DpoConfig | None = None  # paradigm dpo (defaults when omitted)
     kd: KdConfig | None = None  # paradigm kd (required: it names the teacher)
     grpo: GrpoConfig | None = None  # paradigm grpo (required: it names the rewards)

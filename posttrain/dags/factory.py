@@ -54,9 +54,13 @@ def build_dag(recipe: Recipe, recipe_path: str | Path) -> DAG:
         validate = ValidateDataOperator(task_id="validate_data", workspace=ws, storage_conn_id=conn)
         prepare = PrepareDataOperator(task_id="prepare_data", workspace=ws, storage_conn_id=conn)
         cluster = RayClusterOperator(task_id="ray_cluster", workspace=ws, storage_conn_id=conn)
-        # Deferrable or not per `operators.default_deferrable` (the compose file and `posttrain run` set it).
-        train = TrainOperator(task_id="train", workspace=ws, cluster=cluster.output, storage_conn_id=conn)
-        evaluate = EvaluateOperator(task_id="evaluate", workspace=ws, cluster=cluster.output, storage_conn_id=conn)
+        # Deferrable per the recipe, else per `operators.default_deferrable` (the compose file and
+        # `posttrain run` set it).
+        waiting = {"deferrable": recipe.airflow.deferrable, "timeout_s": recipe.airflow.job_timeout_s,
+                   "retry_window_s": recipe.airflow.dashboard_retry_window_s}
+        train = TrainOperator(task_id="train", workspace=ws, cluster=cluster.output, storage_conn_id=conn, **waiting)
+        evaluate = EvaluateOperator(task_id="evaluate", workspace=ws, cluster=cluster.output, storage_conn_id=conn,
+                                    **waiting)
         promote = PromoteOperator(task_id="promote", workspace=ws, storage_conn_id=conn,
                                   outlets=[champion_asset(recipe)])
         teardown = RayClusterTeardownOperator(task_id="ray_cluster_teardown", workspace=ws, cluster=cluster.output,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from airflow.sdk import BaseHook
@@ -22,6 +22,7 @@ from posttrain.hooks.ray_follow import (
     DEFAULT_RETRY_WINDOW_S,
     LOG_TAIL_LINES,
     TERMINAL_STATES,
+    Backoff,
     RayJobError,
     RayJobTimeout,
     async_stop_job,
@@ -29,6 +30,7 @@ from posttrain.hooks.ray_follow import (
     job_outcome,
 )
 
+T = TypeVar("T")
 __all__ = ["LOG_TAIL_LINES", "TERMINAL_STATES", "RayClusterRef", "RayJobError", "RayJobHook", "RayJobTimeout",
            "job_outcome"]
 
@@ -115,6 +117,17 @@ class RayJobHook(BaseHook):
             return job and job["status"]
         self.stop_job(job_id)
         return job["status"]
+
+    @staticmethod
+    def retrying(call: Callable[[], T], what: str, window_s: float) -> T:
+        """`call()`, again with backoff while the dashboard fails transiently (refused, reset, 5xx,
+        timeouts), for at most `window_s` seconds; other errors raise at once."""
+        backoff = Backoff(window_s)
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                time.sleep(backoff.delay(exc, what))
 
     def stop_and_wait(self, job_id: str, timeout: float, poll_interval: float = 1.0) -> str | None:
         """Stop the job unless it is over, and wait (at most `timeout` s) until it is. Returns the

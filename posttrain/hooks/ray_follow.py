@@ -21,13 +21,14 @@ from typing import Any
 
 import httpx
 
+from posttrain.recipe import DEFAULT_RETRY_WINDOW_S
+
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 LOG_TAIL_LINES = 40
 TAIL_LINE_CHARS = 2_000  # a tail line is cut to this (the tail is for a failure message)
 MAX_PARTIAL_CHARS = 64 * 1024  # an unfinished line longer than this is handed on in pieces
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the dashboard's messages are ~20 kB; a bigger one is refused
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
-DEFAULT_RETRY_WINDOW_S = 300.0
 
 
 def transient_status(code: int) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 from posttrain import instance_types
 from posttrain.links import RayDashboardLink
 from posttrain.operators.base import PosttrainOperator
+from posttrain.recipe import DEFAULT_RETRY_WINDOW_S
 
 
 class RayClusterOperator(PosttrainOperator):
@@ -108,15 +109,22 @@ class RayClusterTeardownOperator(PosttrainOperator):
         from posttrain.hooks.ray import RayClusterRef
 
         hook = RayClusterRef.from_info(info).hook()
-        jobs = hook.running_jobs(dag_id=context["ti"].dag_id, run_id=context["run_id"])
+        # The dashboard may just be coming back from what failed the run: ask it as the jobs' tasks did.
+        window = self.load_recipe().airflow.dashboard_retry_window_s if self._has_recipe() else DEFAULT_RETRY_WINDOW_S
+        jobs = hook.retrying(lambda: hook.running_jobs(dag_id=context["ti"].dag_id, run_id=context["run_id"]),
+                             "listing this run's Ray jobs", window)
         for job_id in jobs:
-            status = hook.stop_and_wait(job_id, timeout=120)
+            status = hook.retrying(lambda job_id=job_id: hook.stop_and_wait(job_id, timeout=120),
+                                   f"stopping Ray job {job_id}", window)
             self.log.warning("stopped Ray job %s of this run (it was %s): the run is over", job_id, status)
         return jobs
 
+    def _has_recipe(self) -> bool:
+        return bool(self.workspace) and self.storage.exists(f"{self.workspace}/recipe.json")
+
     def _ec2_recipe(self) -> Any:
         """The recipe's EC2 settings, when this run's cluster is on EC2 (None otherwise)."""
-        if not self.workspace or not self.storage.exists(f"{self.workspace}/recipe.json"):
+        if not self._has_recipe():
             return None
         return self.load_recipe().compute.ec2
 

@@ -11,6 +11,7 @@ deferred, the trigger stops the job when the task is ended from outside (`RayJob
 from __future__ import annotations
 
 import shlex
+from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +39,12 @@ class RayJobOperator(PosttrainOperator):
     def __init__(self, *, cluster: dict[str, Any] | str, poll_interval: float = 2.0, timeout_s: float = 24 * 3600,
                  retry_window_s: float = DEFAULT_RETRY_WINDOW_S, stop_timeout_s: float = 120.0,
                  deferrable: bool | None = None, **kwargs: Any):
-        """`retry_window_s`: how long the dashboard may keep failing transiently (connection
-        refused/reset, 5xx, timeouts) while the job is followed before the task fails;
-        `stop_timeout_s`: how long to wait for an earlier try's job to be over after stopping it."""
+        """`timeout_s`: how long the job may run (the deferral timeout while deferred, and the
+        task's execution timeout unless one is given); `retry_window_s`: how long the dashboard may
+        keep failing transiently (connection refused/reset, 5xx, timeouts) while the job is followed
+        before the task fails; `stop_timeout_s`: how long to wait for an earlier try's job to be
+        over after stopping it."""
+        kwargs.setdefault("execution_timeout", timedelta(seconds=timeout_s))
         super().__init__(**kwargs)
         self.cluster = cluster
         self.poll_interval = poll_interval
@@ -77,12 +81,18 @@ class RayJobOperator(PosttrainOperator):
                 self.log.warning("stopped Ray job %s of try %d (it was %s) before starting try %d",
                                  job_id, try_number, was, ti.try_number)
 
-    def stop_job_quietly(self, job_id: str | None, why: str) -> None:
-        """Best effort: stop the job, logging what happened (the task is failing anyway)."""
+    def stop_job_quietly(self, job_id: str | None, why: str, retry: bool = True) -> None:
+        """Best effort: stop the job, logging what happened (the task is failing anyway). With
+        `retry`, a dashboard failing transiently is asked again for up to `retry_window_s` (it may
+        have been what failed the task); on_kill can't wait that long."""
         if not job_id:
             return
         try:
-            was = self.hook.stop_if_running(job_id)
+            if retry:
+                was = self.hook.retrying(lambda: self.hook.stop_if_running(job_id), f"stopping Ray job {job_id}",
+                                         self.retry_window_s)
+            else:
+                was = self.hook.stop_if_running(job_id)
             if was is None or was in TERMINAL_STATES:
                 self.log.info("Ray job %s is %s (%s): nothing to stop", job_id, was or "unknown to the cluster", why)
                 return
@@ -142,4 +152,4 @@ class RayJobOperator(PosttrainOperator):
     def on_kill(self) -> None:
         """Called on SIGTERM ("Mark as failed" / "Clear" while the task runs) and when the
         execution timeout expires (Airflow 3.3's task runner does both)."""
-        self.stop_job_quietly(self.job_id, "the task was killed")
+        self.stop_job_quietly(self.job_id, "the task was killed", retry=False)

@@ -33,6 +33,7 @@ import yaml
 
 from posttrain.paths import cache_env
 from tests.conftest import HOME, REPO, TINY, free_port, local_ray_head
+from tests.deployment.flaky_proxy import FlakyProxy
 
 DEPLOY = HOME / "deploy"
 SCREENSHOTS = DEPLOY / "screenshots"
@@ -42,6 +43,20 @@ CHROMIUM = Path("/usr/bin/chromium")
 EXISTING_RAY_CONN = "ray_existing"
 SFT_DAG = "posttrain__tiny-sft"
 RAY_DAG = "posttrain__tiny-sft-ray"
+# A dashboard in front of the existing cluster's that can be made to fail (tests/deployment/flaky_proxy.py).
+FLAKY_RAY_CONN = "ray_flaky"
+JOB_TIMEOUT_S = 60
+DASHBOARD_RETRY_WINDOW_S = 10
+# DAG id → (compute overrides, the recipe's `airflow` section) of tiny-sft-ray's variants.
+RAY_VARIANTS = {
+    "posttrain__tiny-sft-ray-blocking": ({}, {"deferrable": False}),
+    "posttrain__tiny-sft-ray-blocking-timeout": ({}, {"deferrable": False, "job_timeout_s": JOB_TIMEOUT_S}),
+    "posttrain__tiny-sft-ray-deferred-timeout": ({}, {"deferrable": True, "job_timeout_s": JOB_TIMEOUT_S}),
+    "posttrain__tiny-sft-ray-flaky": ({"ray_conn_id": FLAKY_RAY_CONN},
+                                      {"deferrable": True, "dashboard_retry_window_s": DASHBOARD_RETRY_WINDOW_S}),
+    # A Ray head of the run's own (started by the setup task, stopped by the teardown).
+    "posttrain__tiny-sft-local-long": ({"provider": "local"}, {"deferrable": True}),
+}
 TERMINAL_RUN_STATES = ("success", "failed")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
@@ -203,6 +218,7 @@ class Deployment:
             "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "600",
+            "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "5",  # expired deferrals found sooner
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
             "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
@@ -232,6 +248,12 @@ class Deployment:
                   "compute": {"provider": "ray", "ray_conn_id": EXISTING_RAY_CONN, "workers": 1},
                   "training": {**data["training"], "max_steps": 100000, "checkpoint_every": 100000}}
         (recipes / "tiny-sft-ray.yaml").write_text(yaml.safe_dump(on_ray, sort_keys=False))
+        # Variants for the rows of the "nothing left running" matrix: how the tasks wait (the
+        # recipe's `airflow` section) and which dashboard they talk to.
+        for name, (compute, waiting) in RAY_VARIANTS.items():
+            variant = {**on_ray, "name": name.removeprefix("posttrain__"), "description": f"{name}: {waiting}",
+                       "compute": {**on_ray["compute"], **compute}, "airflow": waiting}
+            (recipes / f"{variant['name']}.yaml").write_text(yaml.safe_dump(variant, sort_keys=False))
         for path in recipes.iterdir():
             load_recipe(path)  # a recipe that doesn't validate fails here, not as an import error later
 
@@ -429,13 +451,25 @@ def existing_ray() -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="package")
-def deployment(tiny_model: Path, existing_ray: dict[str, Any], pytestconfig: pytest.Config) -> Iterator[Deployment]:
+def flaky_dashboard(existing_ray: dict[str, Any]) -> Iterator[FlakyProxy]:
+    """The existing cluster's dashboard behind a proxy that fails on demand (the `ray_flaky` connection)."""
+    proxy = FlakyProxy(existing_ray["dashboard_url"]).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture(scope="package")
+def deployment(tiny_model: Path, existing_ray: dict[str, Any], flaky_dashboard: FlakyProxy,
+               pytestconfig: pytest.Config) -> Iterator[Deployment]:
     """The running deployment; afterwards none of its processes is left."""
     clean_previous(DEPLOY)
     DEPLOY.mkdir(parents=True, exist_ok=True)
     token = Path(existing_ray["token_file"]).read_text().strip()
-    conn = {"conn_type": "ray", "host": existing_ray["dashboard_url"], "password": token}
-    dep = Deployment(DEPLOY, {f"AIRFLOW_CONN_{EXISTING_RAY_CONN.upper()}": json.dumps(conn)})
+    urls = {EXISTING_RAY_CONN: existing_ray["dashboard_url"], FLAKY_RAY_CONN: flaky_dashboard.url}
+    conns = {name: {"conn_type": "ray", "host": url, "password": token} for name, url in urls.items()}
+    dep = Deployment(DEPLOY, {f"AIRFLOW_CONN_{name.upper()}": json.dumps(conn) for name, conn in conns.items()})
     started = time.monotonic()
     try:
         dep.start()

@@ -1,14 +1,23 @@
-"""What a user does in the UI never leaves a Ray job running. On an existing cluster
-(`compute.provider: ray`, where a job would outlive the run's teardown), "Mark as failed" on the
-deferred train task, on its whole run, and "Clear" on it must each stop its job within 30 s and
-leave the cluster as it was.
+"""Whatever ends a train task never leaves its Ray job running. On an existing cluster
+(`compute.provider: ray`, where a job would outlive the run's teardown), each row below must stop
+the job within 30 s and leave the cluster as it was; on a local head (`compute.provider: local`)
+the run's own cluster must be gone too.
+
+Rows: "Mark as failed" on the train task while deferred and while it runs non-deferred, on the
+whole run, "Clear" on the deferred train task (its next try is stopped with the run), the execution
+timeout of a non-deferred task, the deferral timeout of a deferred one, and a dashboard that answers
+503 past the recipe's retry window and then comes back.
 
 Prints the "nothing left running" matrix: row, provider, seconds until the job stopped, jobs left."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -17,7 +26,14 @@ import pytest
 from posttrain.hooks.local_ray import LocalRayCluster
 from posttrain.hooks.ray import TERMINAL_STATES, RayJobHook
 from posttrain.paths import safe_name
-from tests.deployment.conftest import RAY_DAG, Deployment, report, run_path
+from tests.deployment.conftest import (
+    JOB_TIMEOUT_S,
+    RAY_DAG,
+    Deployment,
+    FlakyProxy,
+    report,
+    run_path,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 STOP_WITHIN_S = 30
@@ -47,90 +63,165 @@ def running_jobs(info: dict[str, Any]) -> list[str]:
     return [job["submission_id"] for job in jobs if job["status"] not in TERMINAL_STATES]
 
 
-def wait_job(hook: RayJobHook, job_id: str, done: Any, timeout: float) -> str | None:
+def job_status(hook: RayJobHook, job_id: str) -> str | None:
+    """The job's status; "GONE" once its cluster is no more (a local head torn down: its token
+    file removed, its dashboard not answering)."""
+    try:
+        job = hook.get_job(job_id)
+    except (httpx.TransportError, FileNotFoundError):
+        return "GONE"
+    return job["status"] if job else None
+
+
+def wait_job(hook: RayJobHook, job_id: str, done: Callable[[str | None], bool], timeout: float) -> str | None:
     """The job's status once `done(status)` holds, or its last status after `timeout` seconds."""
     deadline, status = time.monotonic() + timeout, None
     while True:
-        job = hook.get_job(job_id)
-        status = job["status"] if job else None
+        status = job_status(hook, job_id)
         if done(status) or time.monotonic() > deadline:
             return status
         time.sleep(0.5)
 
 
-def mark_task_failed(deployment: Deployment, run_id: str) -> None:
-    deployment.api("PATCH", f"{run_path(RAY_DAG, run_id)}/taskInstances/train", json={"new_state": "failed"})
+def over(status: str | None) -> bool:
+    return status in TERMINAL_STATES or status == "GONE"
 
 
-def mark_run_failed(deployment: Deployment, run_id: str) -> None:
-    deployment.api("PATCH", run_path(RAY_DAG, run_id), json={"state": "failed"})
+# -- what each row does, once the train task is at work; returns when (time.time()) the job's stop
+#    is due from: right after a user's action, when a timeout expires, when the dashboard is back.
+
+def mark_task_failed(deployment: Deployment, dag: str, run_id: str, _proxy: FlakyProxy) -> float:
+    deployment.api("PATCH", f"{run_path(dag, run_id)}/taskInstances/train", json={"new_state": "failed"})
+    return time.time()
 
 
-def clear_task(deployment: Deployment, run_id: str) -> None:
-    deployment.api("POST", f"/dags/{RAY_DAG}/clearTaskInstances", json={
+def mark_run_failed(deployment: Deployment, dag: str, run_id: str, _proxy: FlakyProxy | None = None) -> float:
+    deployment.api("PATCH", run_path(dag, run_id), json={"state": "failed"})
+    return time.time()
+
+
+def clear_task(deployment: Deployment, dag: str, run_id: str, _proxy: FlakyProxy) -> float:
+    deployment.api("POST", f"/dags/{dag}/clearTaskInstances", json={
         "dry_run": False, "task_ids": ["train"], "dag_run_id": run_id, "only_failed": False,
         "include_downstream": False, "include_upstream": False})
+    return time.time()
 
 
-# (row, the UI action, whether the run then goes on with a new try of train)
-ACTIONS = [("mark train failed while deferred", mark_task_failed, False),
-           ("mark the whole run failed", mark_run_failed, False),
-           ("clear train while deferred", clear_task, True)]
+def let_the_timeout_expire(deployment: Deployment, dag: str, run_id: str, _proxy: FlakyProxy) -> float:
+    """Nothing to do: the job is stopped when JOB_TIMEOUT_S have passed since the task started (its
+    deferral starts a little later, so this measures on the safe side)."""
+    started = deployment.task_instances(dag, run_id)["train"]["start_date"]
+    return datetime.fromisoformat(started.replace("Z", "+00:00")).timestamp() + JOB_TIMEOUT_S
+
+
+def break_the_dashboard(deployment: Deployment, dag: str, run_id: str, proxy: FlakyProxy) -> float:
+    """503s (and dropped streams) until the trigger gives up after its retry window; then the
+    dashboard answers again and the failing task must stop the job."""
+    proxy.fail(True)
+    try:
+        deployment.wait_for_task(dag, run_id, "train", ("scheduled", "queued", "running", "failed", "up_for_retry"),
+                                 timeout=120)
+    finally:
+        proxy.fail(False)
+    assert proxy.refused > 0
+    return time.time()
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    dag: str
+    provider: str
+    waits: str  # the train task's state when the action comes: deferred or running
+    action: Callable[[Deployment, str, str, FlakyProxy], float]
+    retried: bool = False  # the run goes on with a new try of train
+    train_state: str | None = None  # the train task's state at the end, when the row fixes it
+
+
+ROWS = [
+    Row("mark train failed while deferred", RAY_DAG, "ray", "deferred", mark_task_failed),
+    Row("mark train failed while running (not deferred)", "posttrain__tiny-sft-ray-blocking", "ray", "running",
+        mark_task_failed),
+    Row("mark the whole run failed", RAY_DAG, "ray", "deferred", mark_run_failed),
+    Row("clear train while deferred", RAY_DAG, "ray", "deferred", clear_task, retried=True),
+    Row("execution timeout expires (not deferred)", "posttrain__tiny-sft-ray-blocking-timeout", "ray", "running",
+        let_the_timeout_expire, train_state="failed"),
+    Row("deferral timeout expires", "posttrain__tiny-sft-ray-deferred-timeout", "ray", "deferred",
+        let_the_timeout_expire, train_state="failed"),
+    Row("dashboard 503s past the retry window", "posttrain__tiny-sft-ray-flaky", "ray", "deferred",
+        break_the_dashboard, train_state="failed"),
+    Row("mark train failed while deferred", "posttrain__tiny-sft-local-long", "local", "deferred",
+        mark_task_failed),
+]
 _printed_header: list[bool] = []
 
 
-@pytest.mark.parametrize(("row", "action", "retried"), ACTIONS, ids=[a[0].replace(" ", "-") for a in ACTIONS])
-def test_a_ui_action_on_a_deferred_train_task_stops_its_job(deployment: Deployment, existing_ray: dict[str, Any],
-                                                            pytestconfig: pytest.Config, row: str, action: Any,
-                                                            retried: bool) -> None:
-    hook = RayJobHook(address=existing_ray["dashboard_url"], token_file=existing_ray["token_file"])
+def cluster_of(deployment: Deployment, dag: str, run_id: str, existing: dict[str, Any]) -> dict[str, Any]:
+    """The run's cluster as its setup task reported it (a local head's info), or the existing one."""
+    if dag.endswith("-local-long"):
+        path = f"{run_path(dag, run_id)}/taskInstances/ray_cluster/xcomEntries/return_value"
+        value = deployment.api("GET", path, params={"deserialize": "true", "stringify": "false"})["value"]
+        return json.loads(value) if isinstance(value, str) else value
+    return existing
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.provider}-{r.name.replace(' ', '-')}" for r in ROWS])
+def test_nothing_a_task_ends_with_leaves_its_job_running(deployment: Deployment, existing_ray: dict[str, Any],
+                                                         flaky_dashboard: FlakyProxy, pytestconfig: pytest.Config,
+                                                         row: Row) -> None:
+    existing = RayJobHook(address=existing_ray["dashboard_url"], token_file=existing_ray["token_file"])
     heads = head_processes(existing_ray)
     assert heads and running_jobs(existing_ray) == []
 
-    run_id = deployment.trigger(RAY_DAG, {})
-    job_id = safe_name(f"posttrain-{RAY_DAG}-{run_id}-train-try1")
+    run_id = deployment.trigger(row.dag, {})
+    job_id = safe_name(f"posttrain-{row.dag}-{run_id}-train-try1")
+    retry = safe_name(f"posttrain-{row.dag}-{run_id}-train-try2")
+    hook = existing
     try:
-        state = deployment.wait_for_task(RAY_DAG, run_id, "train", ("deferred", "success", "failed", "upstream_failed"),
+        state = deployment.wait_for_task(row.dag, run_id, "train", (row.waits, "success", "failed", "upstream_failed"),
                                          timeout=600)
-        assert state == "deferred", deployment.task_states(RAY_DAG, run_id)
+        assert state == row.waits, deployment.task_states(row.dag, run_id)
+        cluster = cluster_of(deployment, row.dag, run_id, existing_ray)
+        hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
         # The trainer is really at work: its job runs and has logged a step.
         assert wait_job(hook, job_id, lambda s: s == "RUNNING", timeout=120) == "RUNNING"
         deadline = time.monotonic() + 180
-        while "step 1/" not in hook.get_job_logs(job_id):
+        while row.action is not let_the_timeout_expire and "step 1/" not in hook.get_job_logs(job_id):
             assert time.monotonic() < deadline, hook.get_job_logs(job_id)[-3000:]
             time.sleep(1)
 
-        action(deployment, run_id)  # what the UI's button sends
-        marked = time.monotonic()
-        status = wait_job(hook, job_id, lambda s: s in TERMINAL_STATES, timeout=STOP_WITHIN_S)
-        seconds = time.monotonic() - marked
-        if retried:  # the cleared task runs again: a new try with a new job; ending the run stops it too
-            retry = safe_name(f"posttrain-{RAY_DAG}-{run_id}-train-try2")
+        due = row.action(deployment, row.dag, run_id, flaky_dashboard)
+        status = wait_job(hook, job_id, over, timeout=max(0.0, due - time.time()) + STOP_WITHIN_S)
+        seconds = time.time() - due
+        if row.retried:  # the cleared task runs again: a new try with a new job; ending the run stops it too
             assert wait_job(hook, retry, lambda s: s == "RUNNING", timeout=300) == "RUNNING"
-            assert deployment.wait_for_task(RAY_DAG, run_id, "train", ("deferred",), timeout=120) == "deferred"
-            mark_run_failed(deployment, run_id)
-            assert wait_job(hook, retry, lambda s: s in TERMINAL_STATES, timeout=STOP_WITHIN_S) == "STOPPED"
-        deployment.wait_for_run(RAY_DAG, run_id, timeout=300)
-        left = running_jobs(existing_ray)
-        stopped = f"{seconds:.1f} s" if status == "STOPPED" else f"not ({status})"
+            assert deployment.wait_for_task(row.dag, run_id, "train", (row.waits,), timeout=120) == row.waits
+            mark_run_failed(deployment, row.dag, run_id)
+            assert wait_job(hook, retry, over, timeout=STOP_WITHIN_S) == "STOPPED"
+        deployment.wait_for_run(row.dag, run_id, timeout=300)
+        left = running_jobs(existing_ray) + ([] if cluster is existing_ray else
+                                             [str(p.pid) for p in LocalRayCluster.processes(cluster)])
+        stopped = f"{seconds:.1f} s" if status in ("STOPPED", "GONE") else f"not ({status})"
         if not _printed_header:
             _printed_header.append(True)
-            report(pytestconfig, f"\n{'row':<45} {'provider':<9} {'stopped after':>14} {'jobs left':>9}")
-        report(pytestconfig, f"{row:<45} {'ray':<9} {stopped:>14} {len(left):>9}")
-        if status not in TERMINAL_STATES:
-            raise JobKeptRunning(f"Ray job {job_id} still {status} {STOP_WITHIN_S}s after: {row}")
-        assert status == "STOPPED" and left == []
-        states = deployment.task_states(RAY_DAG, run_id)
+            report(pytestconfig, f"\n{'row':<48} {'provider':<9} {'stopped after':>14} {'jobs left':>9}")
+        report(pytestconfig, f"{row.name:<48} {row.provider:<9} {stopped:>14} {len(left):>9}")
+        if not over(status):
+            raise JobKeptRunning(f"Ray job {job_id} still {status} {STOP_WITHIN_S}s after: {row.name}")
+        assert status in ("STOPPED", "GONE") and left == [], (status, left)
+        states = deployment.task_states(row.dag, run_id)
         assert states["ray_cluster_teardown"] == "success", states
+        if row.train_state:
+            assert states["train"] == row.train_state, states
     finally:
         # Never leave a job to the rest of the session, whatever the outcome above.
-        for job in (job_id, safe_name(f"posttrain-{RAY_DAG}-{run_id}-train-try2")):
-            if (found := hook.get_job(job)) is not None and found["status"] not in TERMINAL_STATES:
+        for job in (job_id, retry):
+            if job_status(hook, job) not in (*TERMINAL_STATES, "GONE", None):
                 hook.stop_job(job)
-                wait_job(hook, job, lambda s: s in TERMINAL_STATES, timeout=60)
+                wait_job(hook, job, over, timeout=60)
         with contextlib.suppress(AssertionError):  # reported by the checks above when it matters
-            deployment.wait_for_run(RAY_DAG, run_id, timeout=300)
+            deployment.wait_for_run(row.dag, run_id, timeout=300)
 
-    # The cluster is left as it was: its own processes all still there, its node alive, no job running.
+    # The existing cluster is left as it was: its own processes all there, its node alive, no job running.
     assert heads <= head_processes(existing_ray)
-    assert hook.alive_nodes() == 1 and running_jobs(existing_ray) == []
+    assert existing.alive_nodes() == 1 and running_jobs(existing_ray) == []

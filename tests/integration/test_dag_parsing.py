@@ -76,6 +76,26 @@ def test_task_graph_setup_and_teardown(tmp_path: Path) -> None:
     assert outlet.uri == f"file://{tmp_path}/storage/t-sft/champion.json"
 
 
+@pytest.mark.parametrize("waiting", [{}, {"deferrable": False, "job_timeout_s": 90, "dashboard_retry_window_s": 7}])
+def test_the_recipe_says_how_the_job_stages_wait(tmp_path: Path, waiting: dict) -> None:
+    """`airflow:` in the recipe: deferrable or not (default: Airflow's operators.default_deferrable,
+    True in these tests), the job timeout as both deferral and execution timeout, the dashboard's
+    retry window for the trigger and the blocking wait."""
+    from datetime import timedelta
+
+    from posttrain.dags.factory import build_dag
+    from posttrain.recipe import DEFAULT_RETRY_WINDOW_S, load_recipe
+
+    path = write_recipe(tmp_path, airflow=waiting)
+    dag = build_dag(load_recipe(path), path)
+    for stage in ("train", "evaluate"):
+        task = dag.task_dict[stage]
+        assert task.deferrable is waiting.get("deferrable", True)
+        assert task.timeout_s == waiting.get("job_timeout_s", 24 * 3600)
+        assert task.execution_timeout == timedelta(seconds=task.timeout_s)
+        assert task.retry_window_s == waiting.get("dashboard_retry_window_s", DEFAULT_RETRY_WINDOW_S)
+
+
 @pytest.mark.parametrize(("schedule", "expression"), [("@weekly", "0 0 * * 0"), ("0 3 * * 1", "0 3 * * 1"),
                                                      (None, None)])
 def test_recipe_schedule_is_the_dag_schedule(tmp_path: Path, schedule: str | None, expression: str | None) -> None:

@@ -1,9 +1,9 @@
 """The prepare stage: raw JSONL → tokenized, masked (and for chat, packed) Parquet shards + manifest.json.
 
 Runs wherever the Airflow task runs (no GPU needed) and writes under `<workspace>/data/`, a local
-folder or an object store (see storage_fs.Store): each Parquet shard is streamed to its object as it
-is written, and the manifest is written last, as one object, so a reader that finds it finds every
-shard it names.
+folder or an object store (see storage_fs.Store). The rows are streamed in and a chat split's shards
+written as they fill (prep/shards.py: memory holds one shard's documents); the manifest is written
+last, as one object, so a reader that finds it finds every shard it names.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import fsspec
 
 from posttrain.prep.chat import TemplateError, chat_examples, fold_system_prompt
 from posttrain.prep.formats import prepare_preference, prepare_prompts
-from posttrain.prep.packing import Block, pack
+from posttrain.prep.shards import ChatShards
 from posttrain.prep.tokenizer import TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
 from posttrain.recipe import Recipe
 from posttrain.storage_fs import Store
 
 Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
 
-BLOCKS_PER_SHARD = 1024
 
 
 def read_jsonl(uri: str, open_binary: Opener | None = None) -> Iterator[tuple[int, dict]]:
@@ -63,48 +62,6 @@ def block_pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def write_table(table: Any, target: Path | Store) -> None:
-    """One Parquet shard, streamed to its file or object (an object store gets it in parts)."""
-    import pyarrow.parquet as pq
-
-    with target.open("wb") as fh:
-        pq.write_table(table, fh)
-
-
-def write_blocks(blocks: list[Block], out_dir: Path | Store, split: str) -> list[str]:
-    import pyarrow as pa
-
-    names = []
-    for start in range(0, max(len(blocks), 1), BLOCKS_PER_SHARD):
-        chunk = blocks[start:start + BLOCKS_PER_SHARD]
-        table = pa.table({
-            "input_ids": pa.array([b.input_ids for b in chunk], type=pa.list_(pa.int32())),
-            "labels": pa.array([b.labels for b in chunk], type=pa.list_(pa.int32())),
-            "position_ids": pa.array([b.position_ids for b in chunk], type=pa.list_(pa.int32())),
-            "doc_lens": pa.array([b.doc_lens for b in chunk], type=pa.list_(pa.int32())),
-        })
-        name = f"{split}-{start // BLOCKS_PER_SHARD:05d}.parquet"
-        write_table(table, out_dir / name)
-        names.append(f"data/{name}")
-    return names
-
-
-def write_documents(docs: list[tuple[list[int], list[bool]]], out_dir: Path | Store, split: str) -> list[str]:
-    """The streaming layout: tokenized documents, unpacked, with the mask of tokens that train."""
-    import pyarrow as pa
-
-    names = []
-    per_shard = BLOCKS_PER_SHARD * 16
-    for start in range(0, max(len(docs), 1), per_shard):
-        chunk = docs[start:start + per_shard]
-        table = pa.table({"input_ids": pa.array([d[0] for d in chunk], type=pa.list_(pa.int32())),
-                          "assistant_mask": pa.array([d[1] for d in chunk], type=pa.list_(pa.bool_()))})
-        name = f"{split}-docs-{start // per_shard:05d}.parquet"
-        write_table(table, out_dir / name)
-        names.append(f"data/{name}")
-    return names
-
-
 class OverlongData(ValueError):
     pass
 
@@ -139,7 +96,12 @@ def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, spli
 def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
                  open_binary: Opener | None = None) -> dict:
     max_len = recipe.data.max_seq_len
-    docs, rows, examples, expanded, truncated, dropped, no_target = [], 0, 0, 0, 0, 0, 0
+    # Training data in streaming mode stays unpacked (the trainer packs it). Eval data is always
+    # packed offline.
+    streaming = recipe.data.packing.mode == "streaming" and split == "train"
+    shards = ChatShards(out_dir, split, documents=streaming, max_len=max_len, pad_id=block_pad_id(tokenizer),
+                        packing=recipe.data.packing.enabled)
+    rows, examples, expanded, truncated, dropped, no_target = 0, 0, 0, 0, 0, 0
     source = Rows(uri, open_binary)
     for row in source:
         rows += 1
@@ -159,28 +121,25 @@ def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split
             if not any(mask[1:]):
                 no_target += 1  # truncation cut every assistant token: nothing to learn from
                 continue
-            docs.append((ids, mask))
-    streaming = recipe.data.packing.mode == "streaming" and split == "train"
-    blocks = pack(docs, max_len, block_pad_id(tokenizer), enabled=recipe.data.packing.enabled)
-    tokens = sum(len(ids) for ids, _ in docs)
+            shards.add(ids, mask)
+    shards.close()
     return {
         "rows": rows,
         # Training examples the rows gave (more than rows where the chat template rewrites earlier
         # turns, so each reply is an example of its own) and how many rows did that.
         "examples": examples,
         "expanded_rows": expanded,
-        "documents": len(docs),
-        "tokens": tokens,
-        "assistant_tokens": sum(sum(m[1:]) for _, m in docs),
-        "blocks": len(blocks),
-        "fill_ratio": round(tokens / (len(blocks) * max_len), 4) if blocks else 0.0,
+        "documents": shards.documents,
+        "tokens": shards.tokens,
+        "assistant_tokens": shards.assistant_tokens,
+        # For the streaming layout: what offline packing would give.
+        "blocks": shards.blocks,
+        "fill_ratio": round(shards.tokens / (shards.blocks * max_len), 4) if shards.blocks else 0.0,
         "truncated": truncated,
         "dropped_overlong": dropped,
         "dropped_no_target": no_target,
-        # Training data in streaming mode stays unpacked (the trainer packs it); the block count above
-        # is then what offline packing would give. Eval data is always packed offline.
         "layout": "documents" if streaming else "blocks",
-        "shards": write_documents(docs, out_dir, split) if streaming else write_blocks(blocks, out_dir, split),
+        "shards": shards.names,
     }
 
 

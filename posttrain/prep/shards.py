@@ -1,0 +1,88 @@
+"""Writing a chat split's Parquet shards as the documents arrive, so prepare holds one shard's worth
+of documents at a time, not the split.
+
+Documents are collected into a window that is packed and written as one shard when it is full:
+for packed blocks, when its tokens would fill BLOCKS_PER_SHARD blocks (so a shard holds about that
+many, a few more where packing leaves gaps); for the unpacked layout of streaming packing, every
+DOCS_PER_SHARD documents. Best-fit decreasing runs inside each window: over a window of a thousand
+blocks it fills them as well as over the whole split, and a split smaller than one window is packed
+exactly as before (one window).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from posttrain.prep.packing import best_fit_decreasing, pack
+from posttrain.storage_fs import Store
+
+BLOCKS_PER_SHARD = 1024
+DOCS_PER_SHARD = BLOCKS_PER_SHARD * 16
+
+
+def write_table(table: Any, target: Path | Store) -> None:
+    """One Parquet shard, streamed to its file or object (an object store gets it in parts)."""
+    import pyarrow.parquet as pq
+
+    with target.open("wb") as fh:
+        pq.write_table(table, fh)
+
+
+class ChatShards:
+    """The shards of one split: `add` each document, then `close`; the counts and `names` (relative
+    to the workspace) are what the manifest records."""
+
+    def __init__(self, out_dir: Path | Store, split: str, *, documents: bool, max_len: int, pad_id: int,
+                 packing: bool):
+        self.out_dir, self.split, self.documents_layout = out_dir, split, documents
+        self.max_len, self.pad_id, self.packing = max_len, pad_id, packing
+        self.window: list[tuple[list[int], list[bool]]] = []
+        self.window_tokens = 0
+        self.names: list[str] = []
+        self.documents = self.tokens = self.assistant_tokens = self.blocks = 0
+
+    def add(self, ids: list[int], mask: list[bool]) -> None:
+        self.window.append((ids, mask))
+        self.window_tokens += len(ids)
+        self.documents += 1
+        self.tokens += len(ids)
+        self.assistant_tokens += sum(mask[1:])
+        if self._full():
+            self._flush()
+
+    def close(self) -> None:
+        """Write what is left (an empty split still gets one, empty, shard)."""
+        if self.window or not self.names:
+            self._flush()
+
+    def _full(self) -> bool:
+        if self.documents_layout or not self.packing:
+            return len(self.window) >= (DOCS_PER_SHARD if self.documents_layout else BLOCKS_PER_SHARD)
+        return self.window_tokens >= BLOCKS_PER_SHARD * self.max_len
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        index = len(self.names)
+        ints, bools = pa.list_(pa.int32()), pa.list_(pa.bool_())
+        if self.documents_layout:
+            # Unpacked; the block count is what offline packing would give (the manifest reports it).
+            lengths = [len(ids) for ids, _ in self.window]
+            self.blocks += len(best_fit_decreasing(lengths, self.max_len)) if self.packing else len(lengths)
+            table = pa.table({"input_ids": pa.array([d[0] for d in self.window], type=ints),
+                              "assistant_mask": pa.array([d[1] for d in self.window], type=bools)})
+            name = f"{self.split}-docs-{index:05d}.parquet"
+        else:
+            blocks = pack(self.window, self.max_len, self.pad_id, enabled=self.packing)
+            self.blocks += len(blocks)
+            table = pa.table({
+                "input_ids": pa.array([b.input_ids for b in blocks], type=ints),
+                "labels": pa.array([b.labels for b in blocks], type=ints),
+                "position_ids": pa.array([b.position_ids for b in blocks], type=ints),
+                "doc_lens": pa.array([b.doc_lens for b in blocks], type=ints),
+            })
+            name = f"{self.split}-{index:05d}.parquet"
+        write_table(table, self.out_dir / name)
+        self.names.append(f"data/{name}")
+        self.window, self.window_tokens = [], 0

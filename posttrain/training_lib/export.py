@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from posttrain.recipe import Recipe
 from posttrain.training_lib.models.loading import apply_lora, pad_vocab
@@ -30,6 +30,7 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
     if recipe.model.lora is not None:
         fresh = apply_lora(fresh, recipe)
     fresh.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
+    _keep_generation_config(fresh, model_location(recipe.model.base))
     tokenizer = AutoTokenizer.from_pretrained(model_location(recipe.tokenizer_uri))
     if recipe.model.lora is not None:
         _save_atomic(fresh, tokenizer, out_dir / "adapter")
@@ -38,6 +39,18 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
         fresh = fresh.merge_and_unload()
     fresh.config.use_cache = True
     return _save_atomic(fresh, tokenizer, out_dir / "model")
+
+
+def _keep_generation_config(model: torch.nn.Module, base: str) -> None:
+    """The base's generation_config.json, not one derived from config.json: it names every token a
+    reply may end with (Qwen3 `<|im_end|>` and `<|endoftext|>`, Gemma 3 `<eos>` and `<end_of_turn>`),
+    which servers of the export read."""
+    try:
+        config = GenerationConfig.from_pretrained(base)
+    except OSError:  # the base has none
+        return
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target.generation_config = config
 
 
 def _save_atomic(model: torch.nn.Module, tokenizer: object, target: Path) -> Path:

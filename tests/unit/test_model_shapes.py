@@ -90,3 +90,10 @@ def test_tensor_parallel_needs_a_family_with_a_plan(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="no tensor-parallel plan for model_type 'phi3'; the families with one: "
                                           "llama, mistral, qwen2, qwen3, gemma3_text"):
         check_plan(recipe)
+
+
+def test_the_plan_check_and_the_parallelizer_know_the_same_families() -> None:
+    from posttrain.planning import TENSOR_PARALLEL_TYPES
+    from posttrain.training_lib.parallel.parallelize import TP_PLANS
+
+    assert tuple(TP_PLANS) == TENSOR_PARALLEL_TYPES

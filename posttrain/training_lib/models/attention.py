@@ -36,10 +36,31 @@ def document_lengths(position_ids: torch.Tensor) -> list[list[int]]:
     return out
 
 
+def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """Causal and at most `window` keys back (query q sees keys q - window + 1 … q), as transformers'
+    sliding-window mask (`kv_idx > q_idx - sliding_window`) and vLLM define it."""
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    return (k <= q) & (k > q - window)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None, dropout: float, gqa: bool,
+            window: int | None) -> torch.Tensor:
+    if window is None or q.shape[2] <= window:  # the window reaches the document's start: plain causal
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(q.shape[2], window, q.device),
+                                          scale=scaling, dropout_p=dropout, enable_gqa=gqa)
+
+
 def document_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                       position_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """query [B, H, L, D], key/value [B, Hkv, L, D] → output [B, L, H, D], causal within each document."""
+                       position_ids: torch.Tensor | None = None, sliding_window: int | None = None,
+                       softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """query [B, H, L, D], key/value [B, Hkv, L, D] → output [B, L, H, D], causal within each document
+    (and within `sliding_window` keys on a sliding-window layer: Gemma 3's local layers)."""
+    if softcap is not None:  # Gemma 2 caps the attention logits; SDPA can't
+        raise DocumentMaskError(f"{NAME} attention has no attention-logit soft-capping (softcap={softcap})")
     if position_ids is None:
         raise DocumentMaskError(f"{NAME} attention needs position_ids to find the documents of a packed block")
     if query.shape[2] != key.shape[2]:
@@ -48,7 +69,7 @@ def document_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     rows = []
     for b, lengths in enumerate(document_lengths(position_ids.expand(query.shape[0], -1))):
         parts = [
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=gqa)
+            _attend(q, k, v, scaling, dropout, gqa, sliding_window)
             for q, k, v in zip(query[b:b + 1].split(lengths, dim=2), key[b:b + 1].split(lengths, dim=2),
                                value[b:b + 1].split(lengths, dim=2), strict=True)
         ]

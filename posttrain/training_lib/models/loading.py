@@ -31,11 +31,18 @@ def model_dir(uri: str) -> Path:
 
 def pad_vocab(model: torch.nn.Module, multiple: int) -> None:
     """Grow the embedding and output rows to a multiple of `multiple` (even shards, aligned matmuls).
-    The new rows are never targets; evaluation restricts sampling to the tokenizer's ids."""
+    The new rows are never targets; evaluation restricts sampling to the tokenizer's ids. They start
+    at zero, as the sharded load fills them (resize_token_embeddings would draw them at random), so
+    the padded model is the same whichever way it was loaded."""
     size = model.get_input_embeddings().weight.shape[0]
     padded = -(-size // multiple) * multiple
     if padded != size:
         model.resize_token_embeddings(padded, mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[size:].zero_()
+            output = model.get_output_embeddings()
+            if output is not None:
+                output.weight[size:].zero_()
 
 
 def apply_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
@@ -83,6 +90,11 @@ def build_on_meta(recipe: Recipe, dtype: torch.dtype = torch.float32, attention:
     are computed for real; they are tiny."""
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(padded_config(recipe, attention), dtype=dtype)
-        if recipe.model.lora is not None:
+    # Built this way transformers leaves a tied output layer (Qwen3 small, Gemma 3) untied: it would
+    # train as a second matrix and the export would keep only one of the two. Tied outside the
+    # context, whose patched register_parameter would give the output layer a fresh meta copy.
+    model.tie_weights()
+    if recipe.model.lora is not None:
+        with init_empty_weights(include_buffers=False):
             model = apply_lora(model, recipe)
     return model

@@ -105,6 +105,10 @@ def load_shards(model: torch.nn.Module, model_dir: Path, seed: int) -> LoadRepor
             if key == "lm_head.weight" and key not in index:  # tied: stored once, as the embedding
                 key = "model.embed_tokens.weight"
             region = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+            if key not in index and (experts := expert_keys(key, index)) is not None:
+                report.bytes_read += _copy_experts(local, experts, index, offset, shape)
+                report.tensors_read += 1
+                continue
             if key not in index:
                 local.copy_(_seeded_init(key, tuple(param.shape), seed)[region])
                 report.initialized.append(key)
@@ -115,6 +119,40 @@ def load_shards(model: torch.nn.Module, model_dir: Path, seed: int) -> LoadRepor
                 _copy_region(local, fh.get_slice(key), key, tuple(param.shape), offset, shape, report)
             report.tensors_read += 1
     return report
+
+
+def expert_keys(key: str, index: dict[str, Path]) -> list[list[str]] | None:
+    """The checkpoint keys a fused expert parameter is made of, per expert, or None if `key` isn't one.
+    transformers 5 holds a sparse block's experts as 3-D parameters (`mlp.experts.gate_up_proj`
+    [experts, 2 × intermediate, hidden], gate rows first; `mlp.experts.down_proj`) and writes
+    checkpoints as the released ones are, one 2-D weight per expert and projection."""
+    prefix, _, kind = key.rpartition(".")
+    if not prefix.endswith(".experts") or kind not in ("gate_up_proj", "down_proj"):
+        return None
+    parts = ["gate_proj", "up_proj"] if kind == "gate_up_proj" else ["down_proj"]
+    experts = []
+    while all(f"{prefix}.{len(experts)}.{part}.weight" in index for part in parts):
+        experts.append([f"{prefix}.{len(experts)}.{part}.weight" for part in parts])
+    return experts or None
+
+
+def _copy_experts(local: torch.Tensor, experts: list[list[str]], index: dict[str, Path], offset: tuple[int, ...],
+                  shape: tuple[int, ...]) -> int:
+    """Fill this rank's experts (FSDP shards dim 0, the experts) from their per-expert weights; only
+    the rank's own experts are read. Returns the bytes read."""
+    if offset[0] + shape[0] > len(experts):
+        raise ShardLoadError(f"{experts[0][0]}: the checkpoint has {len(experts)} experts, the model more")
+    read = 0
+    for i, e in enumerate(range(offset[0], offset[0] + shape[0])):
+        parts = []
+        for name in experts[e]:
+            with safe_open(str(index[name]), framework="pt") as fh:
+                parts.append(fh.get_tensor(name))
+        weight = torch.cat(parts, dim=0)
+        region = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:], strict=True))
+        local[i].copy_(weight[region])
+        read += sum(t.numel() * t.element_size() for t in parts)
+    return read
 
 
 def _copy_region(local: torch.Tensor, stored: object, key: str, full_shape: tuple[int, ...],

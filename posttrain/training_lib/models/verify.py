@@ -33,6 +33,12 @@ def random_batch(vocab: int, batch: int = 2, seq_len: int = 64, seed: int = 0) -
 def collective_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str = "cpu") -> torch.Tensor:
     """Logits of a CausalLMWithLoss (plain, FSDP2 or TP) on `batch`, as a float32 CPU tensor."""
     out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
+    if hasattr(model, "reshard"):
+        # FSDP2 keeps the root's parameters gathered after a forward (its backward would need them at
+        # once); without a backward they stay gathered, and model.parameters() would hand an
+        # optimizer built next the gathered copies, which the next reshard drops: the embedding and
+        # output layer would silently never train.
+        model.reshard()
     if hasattr(out, "full_tensor"):
         out = out.full_tensor()
     return out.float().cpu()

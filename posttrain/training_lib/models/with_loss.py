@@ -26,6 +26,10 @@ class CausalLMWithLoss(torch.nn.Module):
 
     def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 1024):
         super().__init__()
+        softcap = getattr(base_model(lm).config, "final_logit_softcapping", None)
+        if softcap is not None:  # Gemma 2: the loss from the hidden states would skip the cap
+            raise ValueError(f"model_type {base_model(lm).config.model_type!r} caps its output logits "
+                             f"(final_logit_softcapping={softcap}); the chunked loss does not support that yet")
         self.lm = lm
         self.chunk_tokens = chunk_tokens
 

@@ -22,16 +22,32 @@ from posttrain.planning import Plan
 from posttrain.recipe import Recipe
 from posttrain.training_lib.models.loading import build_on_meta, decoder_layers, model_dir
 from posttrain.training_lib.models.sharded_load import LoadReport, materialize
-from posttrain.training_lib.models.with_loss import CausalLMWithLoss
+from posttrain.training_lib.models.with_loss import CausalLMWithLoss, base_model
 from posttrain.training_lib.parallel.plan import param_dtype
 
 # Megatron-style split of a Llama block: column-parallel into the heads / MLP features, row-parallel
 # back out (one all-reduce per attention and per MLP). Inputs and outputs of the block stay
-# replicated, so norms, embeddings and the output projection are untouched by TP.
+# replicated, so norms, embeddings and the output projection are untouched by TP. The attention
+# reshapes its projections to (-1 heads, head_dim), so each rank just sees fewer heads.
 LLAMA_TP_PLAN = {
     "self_attn.q_proj": ColwiseParallel, "self_attn.k_proj": ColwiseParallel, "self_attn.v_proj": ColwiseParallel,
     "self_attn.o_proj": RowwiseParallel,
     "mlp.gate_proj": ColwiseParallel, "mlp.up_proj": ColwiseParallel, "mlp.down_proj": RowwiseParallel,
+}
+# The plan of each dense family, by config.json's model_type (posttrain.planning.TENSOR_PARALLEL_TYPES
+# lists the same, so the plan check refuses the others before a cluster starts; MoE is refused there).
+TP_PLANS = {
+    "llama": LLAMA_TP_PLAN,
+    # Mistral: Llama's block with other defaults (GQA, optional sliding window: a mask, not weights).
+    "mistral": LLAMA_TP_PLAN,
+    # Qwen2: q/k/v carry biases, which ColwiseParallel shards with their rows.
+    "qwen2": LLAMA_TP_PLAN,
+    # Qwen3: q_norm/k_norm normalise each head over head_dim after the reshape, with one head_dim
+    # weight shared by all heads: a rank holding some of the heads applies it to them unchanged.
+    "qwen3": LLAMA_TP_PLAN,
+    # Gemma 3: the same q/k norms; its extra norms (pre/post feed-forward) act on the replicated
+    # hidden state, and the tied embedding/output are outside the blocks, so none of them is split.
+    "gemma3_text": LLAMA_TP_PLAN,
 }
 
 
@@ -40,9 +56,17 @@ def make_mesh(plan: Plan, device: str) -> DeviceMesh:
     return init_device_mesh(device, (plan.data_parallel, plan.tensor_parallel), mesh_dim_names=("dp", "tp"))
 
 
-def _apply_tp(layers: torch.nn.ModuleList, tp_mesh: DeviceMesh) -> None:
+def tp_plan(model_type: str) -> dict[str, type]:
+    if model_type not in TP_PLANS:
+        raise ValueError(f"no tensor-parallel plan for model_type {model_type!r}; the families with one: "
+                         + ", ".join(TP_PLANS))
+    return TP_PLANS[model_type]
+
+
+def _apply_tp(model: torch.nn.Module, layers: torch.nn.ModuleList, tp_mesh: DeviceMesh) -> None:
+    plan = tp_plan(base_model(getattr(model, "lm", model)).config.model_type)
     for layer in layers:
-        parallelize_module(layer, tp_mesh, {name: style() for name, style in LLAMA_TP_PLAN.items()})
+        parallelize_module(layer, tp_mesh, {name: style() for name, style in plan.items()})
 
 
 def _apply_activation_checkpointing(layers: torch.nn.ModuleList) -> None:
@@ -65,7 +89,7 @@ def _apply_fsdp(model: torch.nn.Module, layers: torch.nn.ModuleList, dp_mesh: De
 def parallelize(model: torch.nn.Module, plan: Plan, mesh: DeviceMesh) -> torch.nn.Module:
     layers = decoder_layers(getattr(model, "lm", model))
     if plan.tensor_parallel > 1:
-        _apply_tp(layers, mesh["tp"])
+        _apply_tp(model, layers, mesh["tp"])
     if plan.activation_checkpointing:
         _apply_activation_checkpointing(layers)
     if plan.compile:
@@ -101,7 +125,7 @@ def build_frozen_model(recipe: Recipe, plan: Plan, mesh: DeviceMesh, base: str) 
     model = CausalLMWithLoss(build_on_meta(frozen), recipe.training.loss_chunk_tokens)
     layers = decoder_layers(model.lm)
     if plan.tensor_parallel > 1:
-        _apply_tp(layers, mesh["tp"])
+        _apply_tp(model, layers, mesh["tp"])
     if plan.strategy in ("fsdp", "fsdp_tp"):
         mp = MixedPrecisionPolicy(param_dtype=param_dtype(plan), reduce_dtype=torch.float32)
         for layer in layers:

@@ -91,6 +91,8 @@ def family_rank(rank: int, world: int, recipes: dict[str, dict[str, str]], out: 
         res["fsdp_logits"] = collective_logits(model, random_batch(vocab, seq_len=48))
         res["fsdp_report"] = report.as_dict()
         batch = sft_batch(recipe.model.base)
+        with torch.no_grad():
+            res["fsdp_loss"] = float(model(**batch))
         if "tp" in kinds:
             tp_model, _, _ = build(kinds["tp"])
             res["tp_logits"] = collective_logits(tp_model, random_batch(vocab, seq_len=48))
@@ -154,6 +156,17 @@ def test_sharded_load_matches_the_plain_model(matrix: dict, name: str) -> None:
     full = matrix["ranks"][0][name]["fsdp_report"]["full_bytes"]
     for r in matrix["ranks"]:  # each rank read about half the model (an uneven row split at most)
         assert r[name]["fsdp_report"]["bytes_read"] < 0.6 * full
+    # The vocabulary padded at load (non-llama families: their checkpoints are unpadded) leaves the
+    # loss of the checkpoint's own, unpadded model: the padding rows never enter the softmax.
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.training_lib.models.attention import register
+    from posttrain.training_lib.models.with_loss import CausalLMWithLoss
+
+    plain = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(matrix["dirs"][name], attn_implementation=register()))
+    with torch.no_grad():
+        want_loss = float(plain(**sft_batch(str(matrix["dirs"][name]))))
+    assert [r[name]["fsdp_loss"] for r in matrix["ranks"]] == pytest.approx([want_loss] * 2, rel=1e-5)
     # A tied family's output layer is its embedding, one parameter, in the model the ranks build.
     from posttrain.training_lib.models.loading import build_on_meta
 

@@ -31,12 +31,15 @@ def model_dir(uri: str) -> Path:
 
 def pad_vocab(model: torch.nn.Module, multiple: int) -> None:
     """Grow the embedding and output rows to a multiple of `multiple` (even shards, aligned matmuls).
-    The new rows are never targets; evaluation restricts sampling to the tokenizer's ids. They start
+    The new rows are never targets, and never enter a softmax: the config keeps the checkpoint's
+    size as `unpadded_vocab_size` (saved with the export), and CausalLMWithLoss computes every loss
+    and log-prob over those rows only; evaluation samples only the tokenizer's ids. They start
     at zero, as the sharded load fills them (resize_token_embeddings would draw them at random), so
     the padded model is the same whichever way it was loaded."""
     size = model.get_input_embeddings().weight.shape[0]
     padded = -(-size // multiple) * multiple
     if padded != size:
+        model.config.unpadded_vocab_size = size  # the rows no softmax may see (CausalLMWithLoss)
         model.resize_token_embeddings(padded, mean_resizing=False)
         with torch.no_grad():
             model.get_input_embeddings().weight[size:].zero_()
@@ -78,7 +81,10 @@ def padded_config(recipe: Recipe, attention: str | None = None) -> Any:
     attention backend (default: ours, per-document SDPA)."""
     config = AutoConfig.from_pretrained(model_location(recipe.model.base))
     multiple = recipe.model.pad_vocab_to_multiple_of
-    config.vocab_size = -(-config.vocab_size // multiple) * multiple
+    padded = -(-config.vocab_size // multiple) * multiple
+    if padded != config.vocab_size:
+        config.unpadded_vocab_size = getattr(config, "unpadded_vocab_size", config.vocab_size)
+        config.vocab_size = padded
     config.use_cache = False
     config._attn_implementation = attention or register()
     return config

@@ -21,6 +21,14 @@ def base_model(lm: torch.nn.Module) -> torch.nn.Module:
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
+def output_weight(base: torch.nn.Module) -> torch.Tensor:
+    """The output layer's rows of real tokens: the rows added by vocabulary padding (loading.pad_vocab)
+    are left out, so losses and log-probs are those of the unpadded model."""
+    weight = base.lm_head.weight
+    real = getattr(base.config, "unpadded_vocab_size", None)
+    return weight[:real] if real is not None and real < weight.shape[0] else weight
+
+
 class CausalLMWithLoss(torch.nn.Module):
     PREFIX = "lm."  # state-dict keys of the wrapped model start with this
 
@@ -42,20 +50,21 @@ class CausalLMWithLoss(torch.nn.Module):
         states (a KD teacher's); "distill": [divergence to the `teacher` (hidden states, output
         weights), cross-entropy], both summed over the labelled tokens. Without labels, the full
         logits (for the logit verifier and small checks only: that is the [tokens × vocab] tensor
-        training avoids)."""
+        training avoids; every row, padding included)."""
         # Packed blocks: no attention mask, documents come from the restarting position ids.
         base = base_model(self.lm)
         check_isolates_documents(base)
         hidden = base.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         if output == "hidden":
             return hidden
-        if output == "distill":
-            assert teacher is not None and labels is not None
-            kd = distill_loss(hidden, base.lm_head.weight, teacher[0], teacher[1], labels, divergence, temperature,
-                              self.chunk_tokens)
-            return torch.stack([kd, chunked_cross_entropy(hidden, base.lm_head.weight, labels, self.chunk_tokens)])
         if labels is None:
             return hidden @ base.lm_head.weight.t()
+        weight = output_weight(base)
+        if output == "distill":
+            assert teacher is not None
+            kd = distill_loss(hidden, weight, teacher[0], teacher[1][:weight.shape[0]], labels, divergence,
+                              temperature, self.chunk_tokens)
+            return torch.stack([kd, chunked_cross_entropy(hidden, weight, labels, self.chunk_tokens)])
         if output == "token_logprobs":
-            return token_logprobs(hidden, base.lm_head.weight, labels, self.chunk_tokens)
-        return chunked_cross_entropy(hidden, base.lm_head.weight, labels, self.chunk_tokens)
+            return token_logprobs(hidden, weight, labels, self.chunk_tokens)
+        return chunked_cross_entropy(hidden, weight, labels, self.chunk_tokens)

@@ -86,3 +86,37 @@ class ChatShards:
         write_table(table, self.out_dir / name)
         self.names.append(f"data/{name}")
         self.window, self.window_tokens = [], 0
+
+
+class RowShards:
+    """Rows of fixed columns (preference pairs, RL prompts), written DOCS_PER_SHARD at a time as
+    `<prefix>-NNNNN.parquet`. Column kinds: "ids" (int32 lists), "mask" (bool lists), "text"."""
+
+    def __init__(self, out_dir: Path | Store, prefix: str, kinds: dict[str, str]):
+        self.out_dir, self.prefix, self.kinds = out_dir, prefix, kinds
+        self.window: dict[str, list] = {name: [] for name in kinds}
+        self.rows = 0
+        self.names: list[str] = []
+
+    def add(self, **values: Any) -> None:
+        for name, column in self.window.items():
+            column.append(values[name])
+        self.rows += 1
+        if len(next(iter(self.window.values()))) >= DOCS_PER_SHARD:
+            self._flush()
+
+    def close(self) -> None:
+        """Write what is left (an empty split still gets one, empty, shard)."""
+        if any(self.window.values()) or not self.names:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        types = {"ids": pa.list_(pa.int32()), "mask": pa.list_(pa.bool_()), "text": pa.string()}
+        table = pa.table({name: pa.array(column, type=types[self.kinds[name]])
+                          for name, column in self.window.items()})
+        name = f"{self.prefix}-{len(self.names):05d}.parquet"
+        write_table(table, self.out_dir / name)
+        self.names.append(f"data/{name}")
+        self.window = {name: [] for name in self.kinds}

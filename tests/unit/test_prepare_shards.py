@@ -43,3 +43,33 @@ def test_small_shards_hold_every_document_once(tmp_path: Path, tiny_model: Path,
     if mode == "streaming":
         ids, _ = read_documents(tmp_path / "sharded", "train")
         assert sorted(map(tuple, ids)) == sorted(map(tuple, read_documents(tmp_path / "whole", "train")[0]))
+
+
+def test_pairs_and_prompts_are_written_a_shard_at_a_time(tokenizer, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from posttrain.prep.formats import prepare_preference, prepare_prompts
+    from posttrain.prep.prepare import read_jsonl
+    from tests.conftest import REPO
+
+    data = REPO / "dags" / "data"
+    pairs = [r for _, r in read_jsonl(str(data / "tiny-preference" / "eval.jsonl"))]
+    prompts = [r for _, r in read_jsonl(str(data / "tiny-prompts" / "eval.jsonl"))]
+
+    def run(folder: Path) -> tuple[dict, dict, pa.Table, pa.Table]:
+        folder.mkdir()
+        a = prepare_preference(tokenizer, pairs, 256, "truncate", folder, "eval")
+        b = prepare_prompts(tokenizer, prompts, 256, folder, "eval")
+        tables = [pa.concat_tables([pq.read_table(folder / s.removeprefix("data/")) for s in x["shards"]])
+                  for x in (a, b)]
+        return a, b, *tables
+
+    whole = run(tmp_path / "whole")
+    monkeypatch.setattr(shards, "DOCS_PER_SHARD", 10)
+    split = run(tmp_path / "split")
+    assert len(split[0]["shards"]) == -(-split[0]["pairs"] // 10) and len(whole[0]["shards"]) == 1
+    assert len(split[1]["shards"]) == -(-split[1]["prompts"] // 10) and len(whole[1]["shards"]) == 1
+    assert {k: v for k, v in split[0].items() if k != "shards"} == {k: v for k, v in whole[0].items() if k != "shards"}
+    assert split[2].equals(whole[2]) and split[3].equals(whole[3])

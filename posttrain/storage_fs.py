@@ -12,8 +12,10 @@ one), and "a folder" is the prefix of the objects under it. Torch-free and airfl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -22,6 +24,9 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 SCHEMES = ("file", "s3")
+# Written last into a folder uploaded as a whole (an export, a checkpoint): a folder without it is
+# incomplete (its writer died, or is still writing), and readers never use it.
+COMMIT = "commit.json"
 
 
 def scheme(uri: str) -> str:
@@ -149,28 +154,37 @@ class Store:
         if self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
 
-    def put_tree(self, local: Path) -> int:
-        """Upload every file under the local folder `local` to here; returns the number of files."""
-        count = 0
+    def put_tree(self, local: Path) -> dict[str, dict]:
+        """Upload every file under the local folder `local` to here; returns each file's size and
+        sha256 (taken from the bytes as they are sent), by path relative to `local`."""
+        files = {}
         for item in sorted(local.rglob("*")):
             if item.is_file():
-                with item.open("rb") as src, (self / str(item.relative_to(local))).open("wb") as dst:
-                    while chunk := src.read(8 << 20):
-                        dst.write(chunk)
-                count += 1
-        return count
+                rel = str(item.relative_to(local))
+                with item.open("rb") as src, (self / rel).open("wb") as dst:
+                    files[rel] = _copy(src, dst)
+        return files
 
-    def get_tree(self, local: Path) -> int:
-        """Download every file below here into the local folder `local`; returns the number of files."""
-        count = 0
-        for rel in self.sizes():
+    def get_tree(self, local: Path, files: dict[str, dict]) -> None:
+        """Download `files` (as put_tree returns them) from below here into the local folder `local`,
+        checking each one's size and sha256."""
+        for rel, want in files.items():
             target = local / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             with (self / rel).open("rb") as src, target.open("wb") as dst:
-                while chunk := src.read(8 << 20):
-                    dst.write(chunk)
-            count += 1
-        return count
+                got = _copy(src, dst)
+            if got != want:
+                raise ValueError(f"{self / rel}: {got['size']} bytes with sha256 {got['sha256'][:12]}, but "
+                                 f"{COMMIT} lists {want['size']} bytes with {want['sha256'][:12]}")
+
+
+def _copy(src: IO[bytes], dst: IO[bytes]) -> dict:
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(8 << 20):
+        dst.write(chunk)
+        digest.update(chunk)
+        size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
 
 
 # A Ray job works on a workspace URI through two places: the Store (data, checkpoints, and what the
@@ -218,8 +232,8 @@ def workspace_store(workspace: Path | str) -> Store:
 
 def publish(workspace: Path, *names: str) -> list[str]:
     """Upload the job's local `names` (files or folders of its staging folder) to the workspace's
-    object store, replacing what is there; nothing to do for a file:// workspace. Returns the names
-    uploaded."""
+    object store, replacing what is there; nothing to do for a file:// workspace. A folder gets its
+    COMMIT (every file's size and sha256) last. Returns the names uploaded."""
     uri = workspace_uri(workspace)
     if is_local(uri):
         return []
@@ -228,7 +242,8 @@ def publish(workspace: Path, *names: str) -> list[str]:
         local = workspace / name
         if local.is_dir():
             (store / name).remove()
-            (store / name).put_tree(local)
+            files = (store / name).put_tree(local)
+            (store / name / COMMIT).write_json({"files": files})
         elif local.is_file():
             (store / name).write_bytes(local.read_bytes())
         else:
@@ -239,7 +254,9 @@ def publish(workspace: Path, *names: str) -> list[str]:
 
 def fetch(workspace: Path, *names: str) -> list[str]:
     """Download the workspace's `names` (files or folders) into the job's staging folder where it
-    lacks them (a job resumed on a node that never ran it); nothing to do for a file:// workspace."""
+    lacks them (a job resumed on a node that never ran it); nothing to do for a file:// workspace.
+    A folder must have its COMMIT, and arrives whole or not at all (downloaded aside, checked
+    against the COMMIT's checksums, then renamed into place)."""
     uri = workspace_uri(workspace)
     if is_local(uri):
         return []
@@ -248,7 +265,13 @@ def fetch(workspace: Path, *names: str) -> list[str]:
         if (workspace / name).exists() or not (store / name).exists():
             continue
         if (store / name).is_dir():
-            (store / name).get_tree(workspace / name)
+            if not (store / name / COMMIT).exists():
+                raise RuntimeError(f"{store / name} has no {COMMIT}: its upload did not finish; run the stage "
+                                   "that writes it again")
+            aside = workspace / f"{name}.fetching"
+            shutil.rmtree(aside, ignore_errors=True)
+            (store / name).get_tree(aside, (store / name / COMMIT).read_json()["files"])
+            aside.rename(workspace / name)
         else:
             (workspace / name).parent.mkdir(parents=True, exist_ok=True)
             (workspace / name).write_bytes((store / name).read_bytes())

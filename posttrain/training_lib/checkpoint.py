@@ -29,10 +29,9 @@ from torch.distributed.checkpoint._fsspec_filesystem import (  # not re-exported
 )
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from posttrain.storage_fs import Store, is_local, storage_options
+from posttrain.storage_fs import COMMIT, Store, is_local, storage_options
 
 _STEP_DIR = re.compile(r"^step-(\d{8})(\.tmp)?$")  # .tmp: left by the rename-based layout before this one
-COMMIT = "commit.json"
 
 Location = str | Path | Store
 

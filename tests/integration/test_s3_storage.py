@@ -5,6 +5,7 @@ without its marker is never resumed from; pruning keeps the newest complete ones
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from posttrain.prep.prepare import prepare
 from posttrain.recipe import load_recipe
-from posttrain.storage_fs import Store, job_workspace, publish, workspace_uri
+from posttrain.storage_fs import COMMIT, Store, fetch, job_workspace, publish, workspace_uri
 from posttrain.training_lib import checkpoint
 from posttrain.training_lib.data.loader import read_blocks, read_documents, read_manifest
 from tests.conftest import write_recipe
@@ -65,6 +66,31 @@ def test_staging_folder_maps_back_to_its_uri(s3_root: str, tmp_path: Path) -> No
     assert (Store.at(f"{s3_root}/r1") / "train" / "metrics.jsonl").read_text() == '{"step": 1}\n'
     with pytest.raises(ValueError, match="'gs' is not supported"):
         job_workspace("gs://bucket/ws")
+
+
+def test_published_folders_arrive_whole_or_not_at_all(s3_root: str) -> None:
+    staging = job_workspace(f"{s3_root}/r2")
+    (staging / "model" / "sub").mkdir(parents=True)
+    (staging / "model" / "config.json").write_text('{"a": 1}')
+    (staging / "model" / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 100)
+    assert publish(staging, "model") == ["model"]
+    store = Store.at(f"{s3_root}/r2") / "model"
+    files = (store / COMMIT).read_json()["files"]
+    assert sorted(files) == ["config.json", "sub/weights.bin"] and files["sub/weights.bin"]["size"] == 25600
+
+    shutil.rmtree(staging)  # another node: it fetches the folder, checked against the COMMIT
+    staging = job_workspace(f"{s3_root}/r2")
+    assert fetch(staging, "model", "adapter") == ["model"]
+    assert (staging / "model" / "sub" / "weights.bin").read_bytes() == bytes(range(256)) * 100
+
+    shutil.rmtree(staging / "model")
+    (store / "config.json").write_text('{"a": 2}')  # changed after its commit
+    with pytest.raises(ValueError, match=r"model/config\.json: 8 bytes with sha256 .* but commit.json lists"):
+        fetch(staging, "model")
+    assert not (staging / "model").exists()
+    (store / COMMIT).remove()  # an upload that never finished
+    with pytest.raises(RuntimeError, match=r"model has no commit.json: its upload did not finish"):
+        fetch(staging, "model")
 
 
 @pytest.mark.parametrize("mode", ["offline", "streaming"])

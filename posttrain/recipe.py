@@ -173,6 +173,12 @@ class PromotionConfig(_Strict):
     metric: str | None = None  # default: the paradigm's first metric
     mode: Literal["min", "max"] | None = None  # default: min for losses, max otherwise
     min_improvement: float = Field(0.0, ge=0, description="Margin by which the challenger must beat the champion")
+    decision: Literal["mean", "confidence"] = Field("confidence", description="confidence: the paired bootstrap "
+                                                    "interval of challenger − champion must clear min_improvement; "
+                                                    "mean: the two aggregates are compared")
+    confidence_level: float = Field(0.95, ge=0.5, le=0.999, description="Two-sided level of that interval")
+    bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples of the interval")
+    bootstrap_seed: int = Field(0, ge=0, description="Seed of the resampling: same results, same interval")
 
 
 class StorageConfig(_Strict):

@@ -21,6 +21,7 @@ class Block:
     labels: list[int] = field(default_factory=list)
     position_ids: list[int] = field(default_factory=list)
     doc_lens: list[int] = field(default_factory=list)
+    doc_rows: list[int] = field(default_factory=list)  # each document's source line (-1: unknown)
 
 
 def shifted_labels(input_ids: Sequence[int], trains: Sequence[bool]) -> list[int]:
@@ -51,8 +52,9 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 
 
 def pack(docs: Sequence[tuple[Sequence[int], Sequence[bool]]], block_size: int, pad_id: int,
-         enabled: bool = True) -> list[Block]:
-    """Pack (input_ids, trains_mask) documents, each at most block_size long, into padded blocks."""
+         enabled: bool = True, rows: Sequence[int] | None = None) -> list[Block]:
+    """Pack (input_ids, trains_mask) documents, each at most block_size long, into padded blocks.
+    `rows`: each document's source line, kept per block so evaluation can score examples one by one."""
     lengths = [len(ids) for ids, _ in docs]
     groups = best_fit_decreasing(lengths, block_size) if enabled else [[i] for i in range(len(docs))]
     blocks = []
@@ -64,6 +66,7 @@ def pack(docs: Sequence[tuple[Sequence[int], Sequence[bool]]], block_size: int, 
             block.labels.extend(shifted_labels(ids, trains))
             block.position_ids.extend(range(len(ids)))
             block.doc_lens.append(len(ids))
+            block.doc_rows.append(rows[i] if rows is not None else -1)
         pad = block_size - len(block.input_ids)
         if pad:
             # Padding is a document of its own (positions restart) that never trains.

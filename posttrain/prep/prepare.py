@@ -121,7 +121,7 @@ def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split
             if not any(mask[1:]):
                 no_target += 1  # truncation cut every assistant token: nothing to learn from
                 continue
-            shards.add(ids, mask)
+            shards.add(ids, mask, row=source.lineno)  # evaluation scores each eval example by its line
     shards.close()
     return {
         "rows": rows,

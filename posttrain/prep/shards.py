@@ -38,12 +38,14 @@ class ChatShards:
         self.out_dir, self.split, self.documents_layout = out_dir, split, documents
         self.max_len, self.pad_id, self.packing = max_len, pad_id, packing
         self.window: list[tuple[list[int], list[bool]]] = []
+        self.rows: list[int] = []  # the window's documents' source lines
         self.window_tokens = 0
         self.names: list[str] = []
         self.documents = self.tokens = self.assistant_tokens = self.blocks = 0
 
-    def add(self, ids: list[int], mask: list[bool]) -> None:
+    def add(self, ids: list[int], mask: list[bool], row: int = -1) -> None:
         self.window.append((ids, mask))
+        self.rows.append(row)
         self.window_tokens += len(ids)
         self.documents += 1
         self.tokens += len(ids)
@@ -74,18 +76,19 @@ class ChatShards:
                               "assistant_mask": pa.array([d[1] for d in self.window], type=bools)})
             name = f"{self.split}-docs-{index:05d}.parquet"
         else:
-            blocks = pack(self.window, self.max_len, self.pad_id, enabled=self.packing)
+            blocks = pack(self.window, self.max_len, self.pad_id, enabled=self.packing, rows=self.rows)
             self.blocks += len(blocks)
             table = pa.table({
                 "input_ids": pa.array([b.input_ids for b in blocks], type=ints),
                 "labels": pa.array([b.labels for b in blocks], type=ints),
                 "position_ids": pa.array([b.position_ids for b in blocks], type=ints),
                 "doc_lens": pa.array([b.doc_lens for b in blocks], type=ints),
+                "doc_rows": pa.array([b.doc_rows for b in blocks], type=ints),
             })
             name = f"{self.split}-{index:05d}.parquet"
         write_table(table, self.out_dir / name)
         self.names.append(f"data/{name}")
-        self.window, self.window_tokens = [], 0
+        self.window, self.rows, self.window_tokens = [], [], 0
 
 
 class RowShards:

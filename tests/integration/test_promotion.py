@@ -48,7 +48,9 @@ def fake_run_workspace(recipe_path: Path, workspace: Path, eval_loss: float) -> 
 
 @pytest.mark.usefixtures("airflow_db")
 def test_champion_pointer_is_replaced_atomically(tmp_path: Path, monkeypatch) -> None:
-    recipe_path = write_recipe(tmp_path, name="promo")
+    # decision: mean, because these fake runs have no per-example results to pair (see below for
+    # the default, confidence, on real ones).
+    recipe_path = write_recipe(tmp_path, name="promo", promotion={"decision": "mean"})
     recipe = load_recipe(recipe_path)
     workspace = tmp_path / "ws"
     champion_file = local_path(recipe.champion_uri)

@@ -19,7 +19,9 @@ from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
 
 @torch.no_grad()
-def preference_metrics(recipe: Recipe, model_dir: Path, workspace: Path, pairs_per_batch: int = 8) -> dict:
+def preference_metrics(recipe: Recipe, model_dir: Path, workspace: Path, pairs_per_batch: int = 8
+                       ) -> tuple[dict, list[dict]]:
+    """(metrics, per pair in prepared order: its accuracy (0/1), reward margin and DPO loss)."""
     dpo = recipe.dpo
     policy = CausalLMWithLoss(load_for_eval(model_dir)).eval()
     reference = CausalLMWithLoss(load_for_training(recipe.model_copy(update={"model": recipe.model.model_copy(
@@ -37,5 +39,10 @@ def preference_metrics(recipe: Recipe, model_dir: Path, workspace: Path, pairs_p
     pol, ref = torch.cat(scored["policy"]), torch.cat(scored["reference"])
     out = preference_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], dpo.beta, dpo.loss)
     margin = out.rewards_chosen - out.rewards_rejected
-    return {"preference_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean()),
-            "dpo_loss": float(out.loss), "eval_pairs": len(pairs)}
+    # Each pair's own loss: the aggregate is their mean, so the per-pair values average to it.
+    losses = [float(preference_loss(pol[i:i + 1, 0], pol[i:i + 1, 1], ref[i:i + 1, 0], ref[i:i + 1, 1], dpo.beta,
+                                    dpo.loss).loss) for i in range(len(pairs))]
+    per_pair = [{"preference_accuracy": float(m > 0), "reward_margin": float(m), "dpo_loss": loss}
+                for m, loss in zip(margin.tolist(), losses, strict=True)]
+    return ({"preference_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean()),
+             "dpo_loss": float(out.loss), "eval_pairs": len(pairs)}, per_pair)

@@ -13,7 +13,9 @@ from posttrain.training_lib.data.loader import read_prompts
 from posttrain.training_lib.models.vllm_engine import make_engine, sampling_params, stop_token_ids
 
 
-def reward_metrics(recipe: Recipe, model_dir: Path, workspace: Path) -> tuple[dict, list[dict]]:
+def reward_metrics(recipe: Recipe, model_dir: Path, workspace: Path) -> tuple[dict, list[dict], list[dict]]:
+    """(metrics, samples, per prompt in prepared order: its reward_mean (weighted total), each
+    reward and the generation)."""
     g = recipe.grpo
     prompts = read_prompts(workspace, "eval")[: recipe.evaluation.max_samples]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -26,4 +28,7 @@ def reward_metrics(recipe: Recipe, model_dir: Path, workspace: Path) -> tuple[di
                **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items() if k != "total"}}
     samples = [{"prompt": p["messages"], "answer": p["answer"], "generated": text, "reward": total}
                for p, text, total in zip(prompts, texts, scores["total"], strict=True)]
-    return metrics, samples
+    per_prompt = [{"reward_mean": float(scores["total"][i]), "generated": texts[i],
+                   **{f"reward/{k}": float(v[i]) for k, v in scores.items() if k != "total"}}
+                  for i in range(len(texts))]
+    return metrics, samples, per_prompt

@@ -1,4 +1,7 @@
-"""The evaluate stage: eval loss (teacher-forced) and vLLM generation metrics for the export."""
+"""The evaluate stage: eval loss (teacher-forced) and vLLM generation metrics for the export.
+
+Writes eval/metrics.json (the aggregates), eval/samples.jsonl (generations to read) and
+eval/per_example.parquet (each example's values, for promotion's paired comparison)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ from pathlib import Path
 
 from posttrain.prep.tokenizer import require_same_tokenizer
 from posttrain.recipe import Recipe
+from posttrain.training_lib.data.loader import read_manifest, read_prompts
+from posttrain.training_lib.data.pairs import read_pairs
+from posttrain.training_lib.evaluation import per_example
 from posttrain.training_lib.evaluation.distill import divergence_to_teacher
 from posttrain.training_lib.evaluation.generate import generate_and_score
 from posttrain.training_lib.evaluation.loss import eval_loss
@@ -26,26 +32,52 @@ def run(recipe: Recipe, workspace: Path) -> dict:
     wanted = recipe.evaluation.metrics
     metrics: dict = {}
     samples: list[dict] = []
+    # Per-example values by key: the eval file's line (chat) or the position in the prepared split
+    # (pairs, prompts: prepare keeps no line for them), and the example ids of those keys.
+    by_key: dict[int, dict] = {}
+    ids: dict[int, str] = {}
     if recipe.paradigm == "dpo":
-        metrics.update(preference_metrics(recipe, model_dir, workspace))
+        scores, per_pair = preference_metrics(recipe, model_dir, workspace)
+        metrics.update(scores)
+        by_key = dict(enumerate(per_pair))
+        ids = dict(enumerate(per_example.content_ids(read_pairs(workspace, "eval"))))
     if recipe.paradigm == "grpo":
-        reward_scores, samples = reward_metrics(recipe, model_dir, workspace)
+        reward_scores, samples, per_prompt = reward_metrics(recipe, model_dir, workspace)
         metrics.update(reward_scores)
+        by_key = dict(enumerate(per_prompt))
+        prompts = read_prompts(workspace, "eval")[: len(per_prompt)]
+        ids = dict(enumerate(per_example.content_ids({"prompt": p["messages"], "answer": p["answer"]}
+                                                     for p in prompts)))
+    if recipe.data.format == "chat":
+        ids = per_example.ids_by_line(recipe.data.eval)
     if "kl_to_teacher" in wanted:
         metrics.update(divergence_to_teacher(recipe, model_dir, workspace))
     if "eval_loss" in wanted:
-        metrics.update(eval_loss(model_dir, workspace))
+        loss, per_line = eval_loss(model_dir, workspace)
+        metrics.update(loss)
+        _merge(by_key, per_line)
     if recipe.data.format == "chat":  # generated samples are kept for reading even without the metric
-        gen_metrics, samples = generate_and_score(recipe, model_dir)
+        gen_metrics, samples, per_line = generate_and_score(recipe, model_dir)
         if "exact_match" in wanted:
             metrics.update(gen_metrics)
+        else:
+            per_line = {line: {"generated": v["generated"]} for line, v in per_line.items()}
+        _merge(by_key, per_line)
     out = workspace / "eval"
     out.mkdir(parents=True, exist_ok=True)
     with (out / "samples.jsonl").open("w") as fh:
         for sample in samples:
             fh.write(json.dumps(sample) + "\n")
+    per_example.write(out, by_key, ids, {
+        "eval_data": recipe.data.eval, "eval_fingerprint": per_example.fingerprint(ids.values()),
+        "tokenizer_fingerprint": read_manifest(workspace)["tokenizer"]["fingerprint"]})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if model_dir.name == "merged":  # scratch: the published artifact is the adapter
         shutil.rmtree(model_dir)
     print("eval metrics: " + json.dumps(metrics), flush=True)
     return metrics
+
+
+def _merge(into: dict[int, dict], values: dict[int, dict]) -> None:
+    for key, row in values.items():
+        into.setdefault(key, {}).update(row)

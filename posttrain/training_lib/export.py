@@ -1,5 +1,6 @@
 """Export the trained model in Hugging Face format (safetensors + tokenizer) for evaluation and
-serving. The full state dict is gathered from the shards to rank 0 only."""
+serving. The full state dict is gathered from the shards to rank 0 only. The merged model has the
+base checkpoint's shapes: rows added by vocabulary padding at load are dropped."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from posttrain.recipe import Recipe
-from posttrain.training_lib.models.loading import apply_lora, pad_vocab
+from posttrain.training_lib.models.loading import apply_lora, pad_vocab, unpad_vocab
 from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 from posttrain.uris import model_location
 
@@ -37,6 +38,7 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
         if not recipe.model.lora.merge_on_export:
             return out_dir / "adapter"
         fresh = fresh.merge_and_unload()
+    unpad_vocab(fresh)
     fresh.config.use_cache = True
     return _save_atomic(fresh, tokenizer, out_dir / "model")
 
@@ -70,5 +72,6 @@ def merged_from_adapter(recipe: Recipe, adapter_dir: Path, target: Path) -> Path
     base = AutoModelForCausalLM.from_pretrained(model_location(recipe.model.base), dtype=torch.float32)
     pad_vocab(base, recipe.model.pad_vocab_to_multiple_of)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    unpad_vocab(merged)
     merged.config.use_cache = True
     return _save_atomic(merged, AutoTokenizer.from_pretrained(str(adapter_dir)), target)

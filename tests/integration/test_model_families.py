@@ -100,7 +100,9 @@ def family_rank(rank: int, world: int, recipes: dict[str, dict[str, str]], out: 
             res["tp_param_types"] = sorted({type(p).__name__ for p in tp_model.parameters()})
         lora, _, recipe = build(kinds["lora"])
         res["lora_losses"] = _train(lora, batch, LORA_STEPS, lr=1e-2)
-        res["trained_logits"] = collective_logits(lora, single_document(vocab))
+        # Token ids of the checkpoint's vocabulary: the export has no padding rows.
+        real = getattr(lora.lm.get_base_model().config, "unpadded_vocab_size", vocab)
+        res["trained_logits"] = collective_logits(lora, single_document(real))
         folder = export(lora, recipe, Path(out) / name, rank)
         res["export"] = str(folder) if folder else None
         results[name] = res
@@ -223,7 +225,11 @@ def test_lora_sft_loss_falls_and_the_export_reloads_with_the_same_logits(matrix:
     doc = single_document(reloaded.config.vocab_size)
     with torch.no_grad():
         got = reloaded(**doc).logits
-    diff = float((got - matrix["ranks"][0][name]["trained_logits"]).abs().max())
+    # The export has the checkpoint's vocabulary: the padding rows added at load are gone.
+    checkpoint = json.loads((matrix["dirs"][name] / "config.json").read_text())["vocab_size"]
+    assert reloaded.config.vocab_size == checkpoint
+    trained = matrix["ranks"][0][name]["trained_logits"]
+    diff = float((got - trained[..., :checkpoint]).abs().max())
     assert diff < 1e-4
     matrix["cells"][name]["LoRA"] = f"ok ({losses[0][0]:.2f}→{losses[0][-1]:.2f})"
     matrix["cells"][name]["export"] = f"ok ({diff:.1e})"

@@ -4,8 +4,6 @@ distillation pair (KD) equal the unpadded model's, because the padding rows neve
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -57,14 +55,16 @@ def test_losses_and_logprobs_equal_the_unpadded_model(models: tuple) -> None:
         assert not torch.allclose(with_padding, plain(**batch), rtol=1e-4)
 
 
-def test_the_export_config_keeps_the_real_vocabulary(tmp_path: Path) -> None:
-    """What evaluation loads back from an export is the padded model, and it knows which rows are real."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def test_unpadding_restores_the_checkpoint(models: tuple) -> None:
+    """What the export does before saving: the checkpoint's own shapes and weights, no padding row."""
+    import copy
 
-    from posttrain.training_lib.models.loading import pad_vocab
+    from posttrain.training_lib.models.loading import unpad_vocab
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_family("qwen3"))
-    pad_vocab(model, 64)
-    model.save_pretrained(tmp_path)
-    config = AutoConfig.from_pretrained(tmp_path)
-    assert (config.vocab_size, config.unpadded_vocab_size) == (448, 437)
+    plain, padded = models
+    lm = copy.deepcopy(padded.lm)
+    unpad_vocab(lm)
+    assert lm.config.vocab_size == 437 and not hasattr(lm.config, "unpadded_vocab_size")
+    assert "unpadded_vocab_size" not in lm.config.to_dict()
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # still tied
+    torch.testing.assert_close(lm.lm_head.weight, plain.lm.lm_head.weight, rtol=0, atol=0)

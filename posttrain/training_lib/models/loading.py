@@ -32,8 +32,8 @@ def model_dir(uri: str) -> Path:
 def pad_vocab(model: torch.nn.Module, multiple: int) -> None:
     """Grow the embedding and output rows to a multiple of `multiple` (even shards, aligned matmuls).
     The new rows are never targets, and never enter a softmax: the config keeps the checkpoint's
-    size as `unpadded_vocab_size` (saved with the export), and CausalLMWithLoss computes every loss
-    and log-prob over those rows only; evaluation samples only the tokenizer's ids. They start
+    size as `unpadded_vocab_size`, CausalLMWithLoss computes every loss and log-prob over those rows
+    only, and the export drops them again (unpad_vocab). They start
     at zero, as the sharded load fills them (resize_token_embeddings would draw them at random), so
     the padded model is the same whichever way it was loaded."""
     size = model.get_input_embeddings().weight.shape[0]
@@ -46,6 +46,15 @@ def pad_vocab(model: torch.nn.Module, multiple: int) -> None:
             output = model.get_output_embeddings()
             if output is not None:
                 output.weight[size:].zero_()
+
+
+def unpad_vocab(model: torch.nn.Module) -> None:
+    """Drop the rows pad_vocab added (the export has the checkpoint's shapes: what vLLM, the GRPO
+    engine and other tools load never holds a padding row)."""
+    real = getattr(model.config, "unpadded_vocab_size", None)
+    if real is not None:
+        model.resize_token_embeddings(real, mean_resizing=False)
+        delattr(model.config, "unpadded_vocab_size")
 
 
 def apply_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from posttrain.operators.promote import decide
@@ -106,6 +108,8 @@ def test_promotion_on_s3_through_moto(tmp_path: Path, moto_server: str) -> None:
                                storage={"root": "s3://models/posttrain", "conn_id": "aws_moto"})
     local_ws = tmp_path / "ws"
     fake_run_workspace(recipe_path, local_ws, 1.5)
+    pq.write_table(pa.table({"example_id": ["1-a", "2-b"], "eval_loss__sum": [3.0, 1.5], "eval_loss__tokens": [2, 1]}),
+                   local_ws / "eval" / "per_example.parquet")
     prefix = "posttrain/s3-promo/runs/r1"
     for path in local_ws.rglob("*"):
         if path.is_file():
@@ -119,6 +123,11 @@ def test_promotion_on_s3_through_moto(tmp_path: Path, moto_server: str) -> None:
     objects = s3.list_objects_v2(Bucket="models", Prefix=key_prefix)["Contents"]
     keys = sorted(o["Key"].removeprefix(key_prefix) for o in objects)
     assert keys == ["config.json", "model.safetensors", "tokenizer.json"]
+    # The per-example results a later run pairs with, kept beside the promoted model.
+    assert champion["per_example_uri"] == f"s3://models/posttrain/s3-promo/evaluations/{champion['version']}/" \
+                                          "per_example.parquet"
+    kept = s3.get_object(Bucket="models", Key=champion["per_example_uri"].removeprefix("s3://models/"))["Body"]
+    assert pq.read_table(pa.BufferReader(kept.read())).column("example_id").to_pylist() == ["1-a", "2-b"]
     listing = s3.list_objects_v2(Bucket="models", Prefix="posttrain/s3-promo/")["Contents"]
     assert not any(o["Key"].endswith(".tmp") for o in listing)
 

@@ -51,7 +51,9 @@ def run(recipe: Recipe, workspace: Path) -> dict:
     if recipe.data.format == "chat":
         ids = per_example.ids_by_line(recipe.data.eval)
     if "kl_to_teacher" in wanted:
-        metrics.update(divergence_to_teacher(recipe, model_dir, workspace))
+        divergence, per_line = divergence_to_teacher(recipe, model_dir, workspace)
+        metrics.update(divergence)
+        _merge(by_key, per_line)
     if "eval_loss" in wanted:
         loss, per_line = eval_loss(model_dir, workspace)
         metrics.update(loss)

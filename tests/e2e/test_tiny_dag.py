@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.hooks.local_ray import LocalRayCluster
+from posttrain.promotion_stats import read_table
 from posttrain.recipe import load_recipe
 from posttrain.uris import local_path
 from tests.conftest import run_recipe, task_states, workspace_of, write_recipe
@@ -46,8 +47,15 @@ def test_tiny_sft_end_to_end_champion_then_challenger(tmp_path: Path, tiny_model
     vocab = manifest["tokenizer"]["size"]
     assert vocab == 500 and all(t < vocab for s in samples for t in s["generated_token_ids"])
 
+    # Per example: every eval row's loss (summing to the aggregate) and the generations.
+    columns, _ = read_table(str(ws / "eval" / "per_example.parquet"))
+    assert len(columns["example_id"]) == 64 and sum(columns["eval_loss__tokens"]) == metrics["eval_tokens"]
+    assert sum(columns["eval_loss__sum"]) / metrics["eval_tokens"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+    assert sum(g is not None for g in columns["generated"]) == 8
+
     champion = json.loads(local_path(recipe.champion_uri).read_text())
     assert champion["version"] in str(ws) and champion["value"] == metrics["eval_loss"]
+    assert local_path(champion["per_example_uri"]).exists()
     assert (local_path(champion["model_uri"]) / "model.safetensors").exists()
     cluster = json.loads((ws / "cluster.json").read_text())
     assert LocalRayCluster.processes(cluster) == []
@@ -57,6 +65,8 @@ def test_tiny_sft_end_to_end_champion_then_challenger(tmp_path: Path, tiny_model
     ws2 = workspace_of(recipe_path, second)
     decision = json.loads((ws2 / "promotion" / "decision.json").read_text())
     assert decision["previous_champion"]["version"] == champion["version"]
+    # Paired with the champion on the same 64 examples (promotion.decision: confidence, the default).
+    assert decision["comparison"]["n"] == 64 and "n=64" in decision["reason"]
     if decision["promoted"]:
         assert states["promote"] == "success"
         assert json.loads(local_path(recipe.champion_uri).read_text())["previous_version"] == champion["version"]

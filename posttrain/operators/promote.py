@@ -88,9 +88,15 @@ class PromoteOperator(PosttrainOperator):
               seed: int) -> tuple[Paired | None, str | None]:
         if mine is None:
             return None, f"this run's evaluation wrote no {PER_EXAMPLE}"
-        theirs = self._table(champion["per_example_uri"]) if champion.get("per_example_uri") else None
-        if theirs is None:
+        uri = champion.get("per_example_uri")
+        if not uri:
             return None, "the champion has no per-example results (promoted before they were recorded)"
+        try:
+            theirs = self._table(uri)
+        except (OSError, ValueError) as exc:  # not Parquet, or unreadable: no pairing, no promotion
+            return None, f"the champion's per-example results {uri} could not be read ({exc})"
+        if theirs is None:
+            return None, f"the champion's per-example results {uri} are gone"
         return compare(mine, theirs, metric, level, resamples, seed)
 
     def _promote(self, recipe: Any, version: str, value: float, mine: Table | None, champion: dict | None,

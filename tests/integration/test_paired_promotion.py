@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from posttrain.promotion_stats import read_table
@@ -92,6 +93,15 @@ def test_promotion_pairs_examples_with_the_champion(tmp_path: Path, tiny_model: 
     evaluated_run(recipe_path, prepared, tiny_model, tmp_path / "r3")
     state, decision = promote(tmp_path / "r3")
     assert state == "skipped" and decision["comparison"]["high"] == 0.0 and "so not promoted" in decision["reason"]
+
+    # A champion evaluated on another eval set (its fingerprint differs): not compared, not promoted.
+    kept = local_path(json.loads(champion_file.read_text())["per_example_uri"])
+    original = kept.read_bytes()
+    table = pq.read_table(kept)
+    pq.write_table(table.replace_schema_metadata({"posttrain": json.dumps({"eval_fingerprint": "0" * 64})}), kept)
+    state, decision = promote(tmp_path / "r3")
+    assert state == "skipped" and "different eval set" in decision["reason"] and decision["comparison"] is None
+    kept.write_bytes(original)
 
     # A champion from before per-example results: confidence cannot compare and does not promote;
     # mean compares the aggregates as before.

@@ -16,6 +16,7 @@ from posttrain.promotion_stats import (
     paired_bootstrap,
     read_table,
 )
+from posttrain.recipe import load_recipe
 
 
 def plain(values: list[float]) -> dict[str, tuple[float, float]]:
@@ -106,3 +107,17 @@ def test_example_ids_are_stable_and_change_with_the_row() -> None:
     assert example_id(3, row) == example_id(3, {"messages": [{"content": "hi", "role": "user"}]})
     assert example_id(3, row) != example_id(4, row)
     assert example_id(3, row) != example_id(3, {"messages": [{"role": "user", "content": "hello"}]})
+
+
+def test_recipe_promotion_fields_default_to_confidence_and_are_bounded(tmp_path: Path) -> None:
+    from tests.conftest import write_recipe
+    from tests.unit.test_recipe import errors_of
+
+    p = load_recipe(write_recipe(tmp_path / "ok")).promotion
+    assert (p.decision, p.confidence_level, p.bootstrap_resamples, p.bootstrap_seed) == ("confidence", 0.95, 2000, 0)
+    for sections, field in (({"decision": "median"}, "promotion.decision"),
+                            ({"bootstrap_resamples": 10}, "promotion.bootstrap_resamples"),
+                            ({"confidence_level": 1.0}, "promotion.confidence_level"),
+                            ({"confidence": 0.9}, "promotion.confidence")):
+        errors = errors_of(write_recipe(tmp_path / field, promotion=sections))
+        assert any(loc == field for loc, _ in errors), errors

@@ -113,10 +113,11 @@ def decide_by_interval(paired: Paired, mode: str, min_improvement: float, champi
     pct = f"{paired.confidence_level:.0%}"
     numbers = (f"{paired.metric} challenger − champion {champion_version} = {paired.difference:+.6g} "
                f"({pct} interval {paired.low:+.6g} to {paired.high:+.6g}, n={paired.n})")
+    margin = f"{min_improvement:g}"  # "−0" would read oddly in the sentence
     if mode == "min":
-        win, bound, side = paired.high < -min_improvement, paired.high, f"below {-min_improvement:+g}"
+        win, bound, side = paired.high < -min_improvement, paired.high, f"below {'-' if min_improvement else ''}{margin}"
     else:
-        win, bound, side = paired.low > min_improvement, paired.low, f"above {min_improvement:+g}"
+        win, bound, side = paired.low > min_improvement, paired.low, f"above {margin}"
     which = "upper" if mode == "min" else "lower"
     verdict = "promoted" if win else "not promoted"
     return win, f"{numbers}: the {which} bound {bound:+.6g} is{'' if win else ' not'} {side}, so {verdict}"

@@ -113,9 +113,10 @@ def decide_by_interval(paired: Paired, mode: str, min_improvement: float, champi
     pct = f"{paired.confidence_level:.0%}"
     numbers = (f"{paired.metric} challenger − champion {champion_version} = {paired.difference:+.6g} "
                f"({pct} interval {paired.low:+.6g} to {paired.high:+.6g}, n={paired.n})")
-    margin = f"{min_improvement:g}"  # "−0" would read oddly in the sentence
+    margin = f"{min_improvement:g}"
     if mode == "min":
-        win, bound, side = paired.high < -min_improvement, paired.high, f"below {'-' if min_improvement else ''}{margin}"
+        below = f"-{margin}" if min_improvement else margin  # "-0" would read oddly in the sentence
+        win, bound, side = paired.high < -min_improvement, paired.high, f"below {below}"
     else:
         win, bound, side = paired.low > min_improvement, paired.low, f"above {margin}"
     which = "upper" if mode == "min" else "lower"

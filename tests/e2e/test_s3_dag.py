@@ -4,6 +4,7 @@ teardown, every artifact of the run in the bucket."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from posttrain.recipe import load_recipe
-from posttrain.storage_fs import Store
+from posttrain.storage_fs import Store, job_workspace
 from posttrain.training_lib import checkpoint
 from tests.conftest import REPO, run_recipe, task_states
 
@@ -63,3 +64,4 @@ def test_tiny_sft_s3_recipe_end_to_end(tmp_path: Path, tiny_model: Path, moto_se
     champion = (root / "champion.json").read_json()
     assert champion["value"] == metrics["eval_loss"] and champion["model_uri"].startswith(root.uri)
     assert (Store.at(champion["model_uri"]) / "model.safetensors").exists()
+    shutil.rmtree(job_workspace(f"s3://{bucket}"))  # the jobs' staging folders on this node

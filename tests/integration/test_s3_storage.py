@@ -23,14 +23,16 @@ from tests.conftest import write_recipe
 
 
 @pytest.fixture
-def s3_root(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket on the moto server, reached from the environment as a Ray job reaches it."""
+def s3_root(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh bucket on the moto server, reached from the environment as a Ray job reaches it; the
+    staging folders made for it are removed after the test."""
     import boto3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     bucket = f"ws-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/runs"
+    yield f"s3://{bucket}/runs"
+    shutil.rmtree(job_workspace(f"s3://{bucket}"))
 
 
 @pytest.fixture(params=["local", "s3"])

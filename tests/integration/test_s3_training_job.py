@@ -55,6 +55,7 @@ def s3_cluster(moto_server: str) -> Iterator[dict[str, Any]]:
     try:
         for info in local_ray_head(num_cpus=3):
             yield {**info, "bucket": bucket, "secret": secret}
+        shutil.rmtree(job_workspace(f"s3://{bucket}"))  # the jobs' staging folders on this node
     finally:
         for key, value in before.items():
             if value is None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,37 @@ def local_ray_head(num_cpus: int) -> Iterator[dict[str, Any]]:
     finally:
         LocalRayCluster.stop(info)
     assert LocalRayCluster.processes(info) == []
+
+
+def multinode_ray(nodes: int, log: Path) -> Iterator[dict[str, str]]:
+    """A Ray cluster of `nodes` nodes on 127.0.0.1 (tests/multinode_ray.py, a fixture's body): what
+    an EC2 cluster looks like to the run; afterwards not one of its processes is left."""
+    import psutil
+
+    from posttrain.paths import ray_temp_dir
+
+    ready = log.with_suffix(".ready.json")
+    ready.unlink(missing_ok=True)
+    temp = ray_temp_dir(f"mn{uuid.uuid4().hex[:4]}")  # short: Ray's Unix socket paths must fit under it
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_ray", str(nodes), str(free_port()), str(ready)],
+                                cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+    family: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+        yield json.loads(ready.read_text())
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.fixture(scope="module")

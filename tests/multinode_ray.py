@@ -18,9 +18,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -36,9 +43,17 @@ def main() -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    cluster = Cluster(initialize_head=True, head_node_args={
+    # Every process of this cluster (job drivers, Ray Train's actors) connects to this cluster:
+    # "auto" would find every cluster on the machine, and may pick another.
+    gcs_port = free_port()
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    cluster = Cluster(initialize_head=True, head_node_args={"gcs_server_port": gcs_port,
         "num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "temp_dir": temp_dir,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
+    # A job's supervisor finds its cluster from the address file in the session's temp dir, which
+    # `Cluster` writes elsewhere (under RAY_TMPDIR/ray): without this a job driver would connect
+    # to whichever cluster on the machine it finds first.
+    Path(temp_dir, "ray_current_cluster").write_text(cluster.address)
     try:
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=1, num_gpus=0, node_ip_address="127.0.0.1", temp_dir=temp_dir)

@@ -43,6 +43,10 @@ class LocalRayCluster:
             # Jobs run `python` from the head's PATH: make it this interpreter's environment.
             "PATH": bin_dir + os.pathsep + env.get("PATH", ""),
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            # Every process of this head (job drivers, Ray Train's controller and its placement
+            # group cleaner) connects to this head: "auto" would find every head on the machine
+            # and refuse ("Found multiple active Ray instances").
+            "RAY_ADDRESS": f"127.0.0.1:{gcs}",
             "RAY_TMPDIR": str(temp_dir),
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token",

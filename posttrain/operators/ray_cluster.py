@@ -87,6 +87,14 @@ class RayClusterTeardownOperator(PosttrainOperator):
         # EC2 clusters are found from the run, with or without what the setup task left behind.
         ec2 = self._ec2_recipe() if info is None or info["provider"] == "ec2" else None
         if ec2 is not None:
+            if info is not None and info.get("dashboard_url"):
+                # Airflow doesn't always call the trigger's on_kill when a deferred task is marked
+                # failed: stop the run's jobs first (terminating the nodes would end them too, but
+                # a job may hold more than the nodes: a checkpoint half written, a tracking run).
+                try:
+                    self._stop_run_jobs(context, info, window_s=10.0)
+                except Exception as exc:  # nodes that don't answer are terminated all the same
+                    self.log.warning("could not stop this run's Ray jobs before terminating the nodes: %s", exc)
             return self._terminate_ec2(context, ec2)
         if info is None:
             self.log.info("no cluster was started for this run; nothing to tear down")
@@ -102,15 +110,17 @@ class RayClusterTeardownOperator(PosttrainOperator):
         self.log.info("stopped Ray head %s (%d processes)", info["cluster_id"], stopped)
         return {"stopped": stopped}
 
-    def _stop_run_jobs(self, context: Any, info: dict[str, Any]) -> list[str]:
+    def _stop_run_jobs(self, context: Any, info: dict[str, Any], window_s: float | None = None) -> list[str]:
         """On a cluster that outlives the run, no job of the run may go on: a task ended while its
-        trigger was not running yet (marked failed just after it deferred) leaves a job nobody
-        stops. The teardown stops every job submitted for this run."""
+        trigger was not running yet (marked failed just after it deferred), or whose trigger was
+        cancelled without on_kill, leaves a job nobody stops. The teardown stops every job
+        submitted for this run."""
         from posttrain.hooks.ray import RayClusterRef
 
         hook = RayClusterRef.from_info(info).hook()
         # The dashboard may just be coming back from what failed the run: ask it as the jobs' tasks did.
-        window = self.load_recipe().airflow.dashboard_retry_window_s if self._has_recipe() else DEFAULT_RETRY_WINDOW_S
+        window = window_s if window_s is not None else (
+            self.load_recipe().airflow.dashboard_retry_window_s if self._has_recipe() else DEFAULT_RETRY_WINDOW_S)
         jobs = hook.retrying(lambda: hook.running_jobs(dag_id=context["ti"].dag_id, run_id=context["run_id"]),
                              "listing this run's Ray jobs", window)
         for job_id in jobs:

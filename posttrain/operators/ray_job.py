@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from posttrain.hooks.ray import RayClusterRef, RayJobHook
 
 
+# Ray Train 2.60 routes a worker's print() to its logger *and* to the stream Ray redirected stdout to:
+# every line of a training step would reach the job log (and the task log) twice.
+JOB_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 class RayJobFailed(AirflowException):
     pass
 
@@ -107,8 +112,9 @@ class RayJobOperator(PosttrainOperator):
         if self.hook.get_job(self.job_id) is None:
             entrypoint = (f"{shlex.quote(self.cluster_ref.python)} -m posttrain.training_lib.entrypoint "
                           f"{self.stage} --workspace {shlex.quote(self.workspace)}")
-            self.hook.submit_job(entrypoint, self.job_id, metadata={"dag_id": ti.dag_id, "run_id": ti.run_id,
-                                                                    "task_id": ti.task_id}, entrypoint_num_cpus=0)
+            self.hook.submit_job(entrypoint, self.job_id, runtime_env={"env_vars": JOB_ENV},
+                                 metadata={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id},
+                                 entrypoint_num_cpus=0)
             self.log.info("submitted Ray job %s: %s", self.job_id, entrypoint)
         RayDashboardLink.persist(context, self.cluster_ref.job_url(self.job_id))
         if self.deferrable:

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from posttrain.paths import cache_env
-from tests.conftest import HOME, REPO, TINY, free_port, local_ray_head
+from tests.conftest import HOME, REPO, TINY, ec2_settings, free_port, local_ray_head, multinode_ray
 from tests.deployment.flaky_proxy import FlakyProxy
 
 DEPLOY = HOME / "deploy"
@@ -47,6 +47,8 @@ RAY_DAG = "posttrain__tiny-sft-ray"
 FLAKY_RAY_CONN = "ray_flaky"
 JOB_TIMEOUT_S = 60
 DASHBOARD_RETRY_WINDOW_S = 10
+# Instances launched on moto's EC2 server; the nodes' Ray is a two-node cluster on 127.0.0.1.
+EC2_DAG = "posttrain__tiny-sft-ec2-long"
 # DAG id → (compute overrides, the recipe's `airflow` section) of tiny-sft-ray's variants.
 RAY_VARIANTS = {
     "posttrain__tiny-sft-ray-blocking": ({}, {"deferrable": False}),
@@ -164,8 +166,9 @@ class Postgres:
 class Deployment:
     """The whole deployment: Postgres, then the four Airflow components, all on 127.0.0.1."""
 
-    def __init__(self, root: Path, extra_env: dict[str, str]):
+    def __init__(self, root: Path, extra_env: dict[str, str], ec2: dict[str, Any] | None = None):
         self.root = root
+        self.ec2 = ec2  # compute.ec2 of the EC2 variant (moto's network, a stand-in Ray cluster)
         self.airflow_home = root / "airflow"
         self.dags = root / "dags"
         self.logs = root / "logs"
@@ -250,7 +253,11 @@ class Deployment:
         (recipes / "tiny-sft-ray.yaml").write_text(yaml.safe_dump(on_ray, sort_keys=False))
         # Variants for the rows of the "nothing left running" matrix: how the tasks wait (the
         # recipe's `airflow` section) and which dashboard they talk to.
-        for name, (compute, waiting) in RAY_VARIANTS.items():
+        variants = dict(RAY_VARIANTS)
+        if self.ec2 is not None:
+            variants[EC2_DAG] = ({"provider": "ec2", "workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1,
+                                  "ec2": self.ec2}, {"deferrable": True})
+        for name, (compute, waiting) in variants.items():
             variant = {**on_ray, "name": name.removeprefix("posttrain__"), "description": f"{name}: {waiting}",
                        "compute": {**on_ray["compute"], **compute}, "airflow": waiting}
             (recipes / f"{variant['name']}.yaml").write_text(yaml.safe_dump(variant, sort_keys=False))
@@ -461,15 +468,25 @@ def flaky_dashboard(existing_ray: dict[str, Any]) -> Iterator[FlakyProxy]:
 
 
 @pytest.fixture(scope="package")
-def deployment(tiny_model: Path, existing_ray: dict[str, Any], flaky_dashboard: FlakyProxy,
-               pytestconfig: pytest.Config) -> Iterator[Deployment]:
+def ec2_ray() -> Iterator[dict[str, str]]:
+    """What the EC2 variant's instances would run: a head and one worker node on 127.0.0.1."""
+    DEPLOY.mkdir(parents=True, exist_ok=True)
+    yield from multinode_ray(2, DEPLOY.parent / "deploy-ec2-ray.log")
+
+
+@pytest.fixture(scope="package")
+def deployment(tiny_model: Path, existing_ray: dict[str, Any], flaky_dashboard: FlakyProxy, ec2_network: dict,
+               ec2_ray: dict[str, str], pytestconfig: pytest.Config) -> Iterator[Deployment]:
     """The running deployment; afterwards none of its processes is left."""
     clean_previous(DEPLOY)
     DEPLOY.mkdir(parents=True, exist_ok=True)
     token = Path(existing_ray["token_file"]).read_text().strip()
     urls = {EXISTING_RAY_CONN: existing_ray["dashboard_url"], FLAKY_RAY_CONN: flaky_dashboard.url}
     conns = {name: {"conn_type": "ray", "host": url, "password": token} for name, url in urls.items()}
-    dep = Deployment(DEPLOY, {f"AIRFLOW_CONN_{name.upper()}": json.dumps(conn) for name, conn in conns.items()})
+    env = {f"AIRFLOW_CONN_{name.upper()}": json.dumps(conn) for name, conn in conns.items()}
+    env["AIRFLOW_CONN_AWS_MOTO"] = os.environ["AIRFLOW_CONN_AWS_MOTO"]  # moto's server (tests/conftest.py)
+    ec2 = ec2_settings(ec2_network, worker_nodes=1, dashboard_url=ec2_ray["dashboard_url"])
+    dep = Deployment(DEPLOY, env, ec2=ec2)
     started = time.monotonic()
     try:
         dep.start()

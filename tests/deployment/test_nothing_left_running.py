@@ -23,10 +23,12 @@ from typing import Any
 import httpx
 import pytest
 
+from posttrain.hooks.ec2 import Ec2ClusterHook, cluster_id_for
 from posttrain.hooks.local_ray import LocalRayCluster
 from posttrain.hooks.ray import TERMINAL_STATES, RayJobHook
 from posttrain.paths import safe_name
 from tests.deployment.conftest import (
+    EC2_DAG,
     JOB_TIMEOUT_S,
     RAY_DAG,
     Deployment,
@@ -152,17 +154,30 @@ ROWS = [
         break_the_dashboard, train_state="failed"),
     Row("mark train failed while deferred", "posttrain__tiny-sft-local-long", "local", "deferred",
         mark_task_failed),
+    Row("mark train failed while deferred", EC2_DAG, "ec2", "deferred", mark_task_failed),
 ]
 _printed_header: list[bool] = []
 
 
 def cluster_of(deployment: Deployment, dag: str, run_id: str, existing: dict[str, Any]) -> dict[str, Any]:
-    """The run's cluster as its setup task reported it (a local head's info), or the existing one."""
-    if dag.endswith("-local-long"):
+    """The run's cluster as its setup task reported it (a local head, EC2 instances), or the existing one."""
+    if dag.endswith(("-local-long", "-ec2-long")):
         path = f"{run_path(dag, run_id)}/taskInstances/ray_cluster/xcomEntries/return_value"
         value = deployment.api("GET", path, params={"deserialize": "true", "stringify": "false"})["value"]
         return json.loads(value) if isinstance(value, str) else value
     return existing
+
+
+def what_is_left_of(cluster: dict[str, Any], dag: str, run_id: str) -> list[str]:
+    """What is left of a run's own cluster after its run: a local head's processes, EC2 instances
+    still running (and the jobs on the stand-in Ray cluster those instances would run)."""
+    if cluster["provider"] == "local":
+        return [f"pid {p.pid}" for p in LocalRayCluster.processes(cluster)]
+    if cluster["provider"] == "ec2":
+        hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+        instances = Ec2ClusterHook("aws_moto", "us-east-1").instances(cluster_id_for(dag, run_id))
+        return [f"instance {i['InstanceId']}" for i in instances] + [f"job {j}" for j in hook.running_jobs()]
+    return []
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.provider}-{r.name.replace(' ', '-')}" for r in ROWS])
@@ -199,8 +214,9 @@ def test_nothing_a_task_ends_with_leaves_its_job_running(deployment: Deployment,
             mark_run_failed(deployment, row.dag, run_id)
             assert wait_job(hook, retry, over, timeout=STOP_WITHIN_S) == "STOPPED"
         deployment.wait_for_run(row.dag, run_id, timeout=300)
-        left = running_jobs(existing_ray) + ([] if cluster is existing_ray else
-                                             [str(p.pid) for p in LocalRayCluster.processes(cluster)])
+        left = running_jobs(existing_ray)
+        if cluster is not existing_ray:
+            left += what_is_left_of(cluster, row.dag, run_id)
         stopped = f"{seconds:.1f} s" if status in ("STOPPED", "GONE") else f"not ({status})"
         if not _printed_header:
             _printed_header.append(True)

@@ -11,12 +11,8 @@ a run marked failed from outside (`posttrain gc` finds it through Airflow's meta
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -27,9 +23,8 @@ import pytest
 
 from posttrain.gc import airflow_run_state, collect
 from posttrain.hooks.ec2 import ALL_STATES, TAG_CLUSTER, TAG_DAG, TAG_RUN, Ec2ClusterHook, cluster_id_for
-from posttrain.paths import ray_temp_dir
 from posttrain.recipe import Ec2Config
-from tests.conftest import REPO, ec2_settings, free_port, run_recipe, task_states, write_recipe
+from tests.conftest import ec2_settings, multinode_ray, run_recipe, task_states, write_recipe
 
 LOG = logging.getLogger("fault-matrix")
 SETUP_FAULTS = {
@@ -41,28 +36,8 @@ SETUP_FAULTS = {
 
 @pytest.fixture
 def two_node_ray(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A head and one worker node on 127.0.0.1 (tests/multinode_ray.py), stopped afterwards."""
-    import psutil
-
-    ready = tmp_path / "ray-ready.json"
-    temp = ray_temp_dir(f"mn{os.getpid()}")  # Ray's Unix socket paths must fit under it
-    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with (tmp_path / "ray.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_ray", "2", str(free_port()), str(ready)],
-                                cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "ray.log").read_text()[-3000:]
-            time.sleep(0.5)
-        family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
-        yield json.loads(ready.read_text())
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
-        shutil.rmtree(temp, ignore_errors=True)
-    assert not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    """A head and one worker node on 127.0.0.1, stopped afterwards."""
+    yield from multinode_ray(2, tmp_path / "ray.log")
 
 
 def launched_and_running(hook: Ec2ClusterHook, cluster_id: str) -> tuple[int, int]:

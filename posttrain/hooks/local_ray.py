@@ -27,7 +27,9 @@ class LocalRayCluster:
     """A Ray head on 127.0.0.1 started with `ray start --head`, stopped by its own temp dir."""
 
     @classmethod
-    def start(cls, num_cpus: int, timeout: float = 120.0) -> dict[str, Any]:
+    def start(cls, num_cpus: int, timeout: float = 120.0, node_env: dict[str, str] | None = None) -> dict[str, Any]:
+        """`node_env`: what every process of the head gets in its environment (a node's S3
+        credentials: jobs inherit them from the raylet, so they are in no job's spec)."""
         cluster_id = uuid.uuid4().hex[:6]
         temp_dir = ray_temp_dir(cluster_id)
         temp_dir.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,7 @@ class LocalRayCluster:
         token_file.write_text(token)
         gcs, dashboard = _free_port(), _free_port()
         bin_dir = str(Path(sys.executable).parent)
-        env = {**os.environ, **{k: v for k, v in cache_env().items() if k not in os.environ}}
+        env = {**os.environ, **{k: v for k, v in cache_env().items() if k not in os.environ}, **(node_env or {})}
         env.update({
             # Jobs run `python` from the head's PATH: make it this interpreter's environment.
             "PATH": bin_dir + os.pathsep + env.get("PATH", ""),

@@ -28,8 +28,10 @@ class RayClusterOperator(PosttrainOperator):
 
         compute = self.load_recipe().compute
         if compute.provider == "local":
+            # The head's processes reach an s3:// workspace with the storage connection's
+            # credentials, as an EC2 node does with its instance profile.
             info = LocalRayCluster.start(num_cpus=compute.workers * compute.cpus_per_worker + 1,
-                                         timeout=compute.startup_timeout_s)
+                                         timeout=compute.startup_timeout_s, node_env=self.storage.node_environment())
         elif compute.provider == "ec2":
             info = self._provision_ec2(context, compute)
         else:

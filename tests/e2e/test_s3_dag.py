@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from posttrain.hooks.storage import StorageHook
 from posttrain.recipe import load_recipe
-from posttrain.storage_fs import Store, job_workspace
+from posttrain.storage_fs import job_workspace
 from posttrain.training_lib import checkpoint
 from tests.conftest import REPO, run_recipe, task_states
 
@@ -23,7 +24,6 @@ def test_tiny_sft_s3_recipe_end_to_end(tmp_path: Path, tiny_model: Path, moto_se
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
 
-    from posttrain.hooks.storage import StorageHook
 
     committed = REPO / "dags" / "recipes" / "tiny-sft-s3.yaml"
     recipe = load_recipe(committed)
@@ -37,19 +37,20 @@ def test_tiny_sft_s3_recipe_end_to_end(tmp_path: Path, tiny_model: Path, moto_se
     data["evaluation"].update(max_samples=8, max_new_tokens=8)
     path = tmp_path / "tiny-sft-s3.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    # The recipe's storage connection, on the moto server; the local Ray head the setup task starts
-    # inherits this process's environment, which carries the connection's node environment.
+    # The recipe's storage connection, on the moto server. The setup task starts the local Ray head
+    # with that connection's node environment: this process has no S3 endpoint in its own.
     monkeypatch.setenv("AIRFLOW_CONN_POSTTRAIN_S3", (
         f'{{"conn_type": "aws", "login": "testing", "password": "testing", '
         f'"extra": {{"endpoint_url": "{moto_server}", "region_name": "us-east-1"}}}}'))
-    for key, value in StorageHook(recipe.storage.conn_id).node_environment().items():
-        monkeypatch.setenv(key, value)
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
 
     run = run_recipe(path)
     states = task_states(run)
     assert set(states.values()) == {"success"}, states
 
-    root = Store.at(f"s3://{bucket}/tiny/tiny-sft-s3")
+    storage = StorageHook(recipe.storage.conn_id)  # this process reaches moto only through the connection
+    root = storage.store(f"s3://{bucket}/tiny/tiny-sft-s3")
     (workspace,) = (root / "runs" / name for name in (root / "runs").listdir())
     manifest = (workspace / "data" / "manifest.json").read_json()
     assert manifest["splits"]["train"]["rows"] == 400
@@ -63,5 +64,5 @@ def test_tiny_sft_s3_recipe_end_to_end(tmp_path: Path, tiny_model: Path, moto_se
     assert metrics["eval_loss"] > 0
     champion = (root / "champion.json").read_json()
     assert champion["value"] == metrics["eval_loss"] and champion["model_uri"].startswith(root.uri)
-    assert (Store.at(champion["model_uri"]) / "model.safetensors").exists()
+    assert (storage.store(champion["model_uri"]) / "model.safetensors").exists()
     shutil.rmtree(job_workspace(f"s3://{bucket}"))  # the jobs' staging folders on this node

@@ -46,6 +46,8 @@ def main() -> int:
     # Every process of this cluster (job drivers, Ray Train's actors) connects to this cluster:
     # "auto" would find every cluster on the machine, and may pick another.
     gcs_port = free_port()
+    while gcs_port == dashboard_port:  # a port just released may be handed out again
+        gcs_port = free_port()
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     cluster = Cluster(initialize_head=True, head_node_args={"gcs_server_port": gcs_port,
         "num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "temp_dir": temp_dir,

@@ -3,6 +3,7 @@ setup task, stopped (every process of it, and only those) by the teardown task."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -17,10 +18,15 @@ from posttrain.hooks.ray import RayJobError, RayJobHook
 from posttrain.paths import cache_env, ray_temp_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: every socket stays bound until all are picked (one
+    at a time, the OS may hand the same just-released port out twice, and Ray refuses to start
+    with two components on one port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 class LocalRayCluster:
@@ -38,7 +44,7 @@ class LocalRayCluster:
         token_file = temp_dir / "auth_token"
         token_file.touch(mode=0o600)
         token_file.write_text(token)
-        gcs, dashboard = _free_port(), _free_port()
+        gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env_agent, client = _free_ports(7)
         bin_dir = str(Path(sys.executable).parent)
         env = {**os.environ, **{k: v for k, v in cache_env().items() if k not in os.environ}, **(node_env or {})}
         env.update({
@@ -62,11 +68,11 @@ class LocalRayCluster:
             str(Path(bin_dir) / "ray"), "start", "--head",
             "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
             "--port", str(gcs), "--dashboard-port", str(dashboard),
-            "--dashboard-agent-listen-port", str(_free_port()),
-            "--dashboard-agent-grpc-port", str(_free_port()),
-            "--metrics-export-port", str(_free_port()),
-            "--runtime-env-agent-port", str(_free_port()),
-            "--ray-client-server-port", str(_free_port()),
+            "--dashboard-agent-listen-port", str(agent_http),
+            "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--metrics-export-port", str(metrics),
+            "--runtime-env-agent-port", str(runtime_env_agent),
+            "--ray-client-server-port", str(client),
             "--num-cpus", str(num_cpus), "--num-gpus", "0",
             "--temp-dir", str(temp_dir), "--disable-usage-stats", "--include-dashboard", "true",
         ]

@@ -173,9 +173,9 @@ def workspace_of(recipe_path: Path, dag_run: Any) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from posttrain.hooks.local_ray import free_ports
+
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")
@@ -236,7 +236,10 @@ def multinode_ray(nodes: int, log: Path) -> Iterator[dict[str, str]]:
     env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_ray", str(nodes), str(free_port()), str(ready)],
+        from posttrain.hooks.local_ray import free_ports
+
+        ports = [str(port) for port in free_ports(2)]  # dashboard, GCS: distinct
+        proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_ray", str(nodes), *ports, str(ready)],
                                 cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
     family: list[int] = []
     try:

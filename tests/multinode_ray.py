@@ -7,7 +7,7 @@ process tree, every one registered as 127.0.0.1. RAY_ENABLE_WINDOWS_OR_OSX_CLUST
 processes that connect later (the job agent, job drivers) on 127.0.0.1 too: without it Ray turns
 "127.0.0.1" into the machine's address, where nothing listens.
 
-Run as `RAY_TMPDIR=… python -m tests.multinode_ray NODES DASHBOARD_PORT READY_FILE`: it writes {"address",
+Run as `RAY_TMPDIR=… python -m tests.multinode_ray NODES DASHBOARD_PORT GCS_PORT READY_FILE`: it writes {"address",
 "dashboard_url"} to READY_FILE once every node is up, then holds the cluster until its stdin
 closes or it gets SIGTERM, and on the way out stops every process it started (the dashboard's
 module subprocesses included, which `Cluster.shutdown` leaves behind).
@@ -18,16 +18,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -35,7 +28,7 @@ def main() -> int:
     import psutil
     from ray.cluster_utils import Cluster
 
-    nodes, dashboard_port, ready = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    nodes, dashboard_port, gcs_port, ready = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     # Sessions straight under RAY_TMPDIR (Ray would add "/ray"): its caller sized that path so
     # Ray's socket paths fit (posttrain.paths.ray_temp_dir).
     temp_dir = os.environ["RAY_TMPDIR"]
@@ -45,9 +38,6 @@ def main() -> int:
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     # Every process of this cluster (job drivers, Ray Train's actors) connects to this cluster:
     # "auto" would find every cluster on the machine, and may pick another.
-    gcs_port = free_port()
-    while gcs_port == dashboard_port:  # a port just released may be handed out again
-        gcs_port = free_port()
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     cluster = Cluster(initialize_head=True, head_node_args={"gcs_server_port": gcs_port,
         "num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "temp_dir": temp_dir,

@@ -18,7 +18,7 @@ from posttrain.hooks.ray import RayJobError, RayJobHook
 from posttrain.paths import cache_env, ray_temp_dir
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """`count` distinct free loopback ports: every socket stays bound until all are picked (one
     at a time, the OS may hand the same just-released port out twice, and Ray refuses to start
     with two components on one port)."""
@@ -44,7 +44,7 @@ class LocalRayCluster:
         token_file = temp_dir / "auth_token"
         token_file.touch(mode=0o600)
         token_file.write_text(token)
-        gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env_agent, client = _free_ports(7)
+        gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env_agent, client = free_ports(7)
         bin_dir = str(Path(sys.executable).parent)
         env = {**os.environ, **{k: v for k, v in cache_env().items() if k not in os.environ}, **(node_env or {})}
         env.update({

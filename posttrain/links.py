@@ -1,4 +1,5 @@
-"""Extra links on the task page: the Ray dashboard of the run's cluster, and the job's page on it.
+"""Extra links on the task page: the Ray dashboard of the run's cluster, and the job's page on it;
+the training job's MLflow run and the registered model version, where an MLflow UI serves the store.
 
 Airflow 3 serves a link from the XCom its operator pushed under the link's `xcom_key` (the API
 server never imports the provider), so the operators push the URL when they know it.
@@ -23,3 +24,15 @@ class RayDashboardLink(BaseOperatorLink):
     def persist(cls, context: Any, url: str | None) -> None:
         if url:
             context["ti"].xcom_push(key=cls().xcom_key, value=url)
+
+
+class MlflowRunLink(RayDashboardLink):
+    """The training job's MLflow run (train and promote), where an MLflow UI serves the store."""
+
+    name = "MLflow run"
+
+
+class MlflowModelVersionLink(RayDashboardLink):
+    """The model version registered for this run (promote)."""
+
+    name = "MLflow model version"

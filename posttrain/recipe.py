@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from posttrain import instance_types
+from posttrain.components import COMPONENTS, check_component
 from posttrain.config_base import NonBlank, Strict
 from posttrain.ec2_config import Ec2Config
 from posttrain.eval_metrics import MetricName, default_mode, paradigm_metrics
@@ -24,6 +25,8 @@ from posttrain.uris import resolve_uri
 
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 _CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
+# Metrics that generate with vLLM (which serves the Hugging Face weights only, never a custom head).
+GENERATION_METRICS = ("exact_match",)
 # How long a dashboard may fail transiently while a job is followed (the hooks' default too).
 DEFAULT_RETRY_WINDOW_S = 300.0
 
@@ -52,11 +55,30 @@ class LoraConfig(_Strict):
     merge_on_export: bool = True
 
 
+class ComponentsConfig(_Strict):
+    """Task components injected into the model, each an import path 'package.module:Name'
+    (posttrain/components.py has the contract). Only the names below exist; another is refused."""
+
+    head: NonBlank | None = Field(None, description="An nn.Module class built as Name(config) that transforms the "
+                                  "final hidden states [..., hidden_size] before the output projection (the "
+                                  "chunked loss scores its output); trained, checkpointed and exported to "
+                                  "model/components/")
+
+    @field_validator("head")
+    @classmethod
+    def _importable(cls, value: str | None) -> str | None:
+        return None if value is None else check_component("head", value)
+
+    def named(self) -> dict[str, str]:
+        """The components the recipe sets, by name."""
+        return {name: path for name, path in self.model_dump().items() if path is not None}
+
+
 class ModelConfig(_Strict):
     base: NonBlank
     tokenizer: NonBlank | None = None
     lora: LoraConfig | None = None
-    components: dict[str, str] = Field(default_factory=dict)
+    components: ComponentsConfig = Field(default_factory=ComponentsConfig)
     pad_vocab_to_multiple_of: int = Field(64, ge=1, le=4096)
 
     @field_validator("base", "tokenizer")
@@ -64,15 +86,6 @@ class ModelConfig(_Strict):
     def _model_uri(cls, value: str | None) -> str | None:
         if value is not None and value.startswith("s3://"):
             raise ValueError("s3:// model locations are not supported yet; use a local path or hf://org/name")
-        return value
-
-    @field_validator("components")
-    @classmethod
-    def _dotted_paths(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, path in value.items():
-            if not re.fullmatch(r"[\w.]+:[\w.]+", path):
-                raise ValueError(f"component {name!r}: {path!r} is not an import path of the form "
-                                 "'package.module:Name'")
         return value
 
 
@@ -196,6 +209,9 @@ class StorageConfig(_Strict):
 
 class TrackingConfig(_Strict):
     mlflow_uri: NonBlank | None = None  # default: sqlite:///<storage root>/<recipe name>/mlflow.db
+    # Where an MLflow UI serving that store is browsed (the task links point there); default: the
+    # tracking server itself for an http(s) mlflow_uri, none for SQLite (`mlflow ui` can serve it).
+    ui_url: NonBlank | None = None
     peak_tflops: float | None = Field(None, gt=0)  # device peak for MFU; default: a table of known GPUs
 
 
@@ -291,7 +307,24 @@ class Recipe(_Strict):
             raise ValueError("dpo.reference 'on_the_fly' scores with the base model (LoRA adapters disabled) "
                              "and needs model.lora; without LoRA use 'precomputed'")
 
+    def _components(self) -> None:
+        """What a custom head cannot do yet is refused here, before any cluster starts."""
+        if self.model.components.head is None:
+            return
+        if self.paradigm != "sft":
+            raise ValueError(f"model.components.head is implemented for paradigm 'sft' only; paradigm "
+                             f"{self.paradigm!r} scores with the model's own output (DPO's reference, the KD "
+                             "teacher's divergence, GRPO's vLLM rollouts) and does not apply a head yet")
+        generated = [m for m in self.evaluation.metrics or () if m in GENERATION_METRICS]
+        if generated:
+            raise ValueError(f"evaluation.metrics {generated}: generation runs on vLLM, which cannot run the custom "
+                             "model.components.head; evaluate with eval_loss (the default with a head), which "
+                             "includes it")
+        if self.evaluation.metrics is None:
+            self.evaluation.metrics = [m for m in paradigm_metrics(self.paradigm) if m not in GENERATION_METRICS]
+
     def _evaluation_defaults(self) -> None:
+        self._components()
         allowed = paradigm_metrics(self.paradigm)
         if self.evaluation.metrics is None:
             self.evaluation.metrics = list(allowed)
@@ -322,7 +355,9 @@ def _errors(exc: ValidationError) -> list[tuple[str, str]]:
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"]) or "(recipe)"
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and tuple(err["loc"][:2]) == ("model", "components"):
+            msg = f"unknown component; allowed: {', '.join(COMPONENTS)}"
+        elif err["type"] == "extra_forbidden":
             msg = "unknown field"
         elif err["type"] == "literal_error" and "expected" in (err.get("ctx") or {}):
             msg = f"{err['input']!r} is not allowed; allowed: {err['ctx']['expected']}"

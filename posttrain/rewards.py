@@ -47,6 +47,11 @@ def user_code_imports(enabled: bool) -> Iterator[None]:
         _IMPORT_USER_CODE.reset(token)
 
 
+def user_code_enabled() -> bool:
+    """Whether recipe checks may import the user code a recipe names (see user_code_imports)."""
+    return _IMPORT_USER_CODE.get()
+
+
 def exact_match(completion: str, *, prompt: list[dict], answer: str | None, normalize: bool = False) -> float:
     """1.0 when the completion equals the answer (surrounding whitespace ignored); with ``normalize``
     also case and runs of whitespace."""

@@ -3,6 +3,12 @@
 `RayJobHook` talks HTTP to a cluster's dashboard (submit, status, logs, stop, wait), so an Airflow
 worker needs no `ray` package to run a job on a remote cluster. `RayClusterRef` is where a run's
 cluster is, as its setup task reported it. The local Ray head lives in `posttrain.hooks.local_ray`.
+
+The cluster's auth token is never passed around: the setup task writes it into the run workspace
+(`token_uri`: a 0600 file in a 0700 folder on a local disk, a private object on S3), and whoever
+talks to the cluster (the job tasks, their triggers on a triggerer, the teardown) reads it from
+there with the storage connection. So no task depends on the disk of the machine the setup ran
+on, and the token is in no XCom, trigger kwargs, log line or DAG run conf.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -44,12 +49,16 @@ class RayJobHook(BaseHook):
     hook_name = "Ray"
 
     def __init__(self, address: str | None = None, ray_conn_id: str = default_conn_name, timeout: float = 30.0,
-                 token_file: str | None = None):
+                 token_uri: str | None = None, storage_conn_id: str | None = None, token_file: str | None = None):
+        """`token_uri`: where the cluster's auth token is (a workspace URI read with `storage_conn_id`,
+        or a local path); `token_file` is the same for a local path (tests, a head on this machine)."""
         super().__init__()
         self.ray_conn_id = ray_conn_id
         self._address = address
-        self.token_file = token_file
+        self.token_uri = token_uri or token_file
+        self.storage_conn_id = storage_conn_id
         self.timeout = timeout
+        self._token: str | None = None
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -61,7 +70,9 @@ class RayJobHook(BaseHook):
 
     def _endpoint(self) -> tuple[str, dict[str, str]]:
         if self._address:
-            token = Path(self.token_file).read_text().strip() if self.token_file else None
+            if self.token_uri and self._token is None:
+                self._token = read_token(self.token_uri, self.storage_conn_id)
+            token = self._token
             return self._address.rstrip("/"), {"Authorization": f"Bearer {token}"} if token else {}
         conn = self.get_connection(self.ray_conn_id)
         host = conn.host or ""
@@ -143,9 +154,13 @@ class RayJobHook(BaseHook):
             time.sleep(poll_interval)
         return was
 
+    async def async_endpoint(self) -> tuple[str, dict[str, str]]:
+        """`_endpoint()` off the event loop: reading the token (an S3 GET) or a connection blocks."""
+        return await asyncio.to_thread(self._endpoint)
+
     async def async_stop_job(self, job_id: str) -> bool:
         """Stop the job without blocking the triggerer's loop (no wait for it to be over)."""
-        base, headers = self._endpoint()
+        base, headers = await self.async_endpoint()
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=self.timeout) as client:
             return await async_stop_job(client, job_id)
 
@@ -154,7 +169,7 @@ class RayJobHook(BaseHook):
                          **kwargs: Any) -> dict[str, Any]:
         """Follow the job to its end, each log line handed to `on_lines` once and in order (see
         `posttrain.hooks.ray_follow.follow_job`); returns `job_outcome(...)`."""
-        base, headers = self._endpoint()
+        base, headers = await self.async_endpoint()
         return await follow_job(base, headers, job_id, on_lines, retry_window_s=retry_window_s,
                                 http_timeout=self.timeout, poll_interval=poll_interval, **kwargs)
 
@@ -221,6 +236,25 @@ class RayJobHook(BaseHook):
             time.sleep(2.0)
 
 
+def read_token(uri: str, storage_conn_id: str | None = None) -> str:
+    """The auth token at `uri` (a local path, file:// or a workspace object read with the storage
+    connection), registered with Airflow's secrets masker so no log line shows it."""
+    if "://" not in uri or uri.startswith("file://"):
+        from posttrain.uris import local_path
+
+        token = local_path(uri).read_text().strip()
+    else:
+        from posttrain.hooks.storage import StorageHook
+
+        token = StorageHook(storage_conn_id).path(uri).read_text().strip()
+    if not token:
+        raise RayJobError(f"{uri}: the Ray auth token is empty")
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(token)
+    return token
+
+
 @dataclass(frozen=True)
 class RayClusterRef:
     """Where a run's cluster is: built from the info the setup task returns, it is the one source of
@@ -228,21 +262,25 @@ class RayClusterRef:
 
     dashboard_url: str | None = None
     ray_conn_id: str = RayJobHook.default_conn_name
-    token_file: str | None = None
+    token_uri: str | None = None  # where the token is, never the token (see the module's docstring)
+    storage_conn_id: str | None = None  # the connection that reads `token_uri`
     python: str = "python"  # the interpreter jobs run with on the cluster
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> RayClusterRef:
         return cls(dashboard_url=info.get("dashboard_url"),
                    ray_conn_id=info.get("ray_conn_id", RayJobHook.default_conn_name),
-                   token_file=info.get("token_file"), python=info.get("python", "python"))
+                   token_uri=info.get("token_uri") or info.get("token_file"),
+                   storage_conn_id=info.get("storage_conn_id"), python=info.get("python", "python"))
 
     def hook(self) -> RayJobHook:
-        return RayJobHook(address=self.dashboard_url, ray_conn_id=self.ray_conn_id, token_file=self.token_file)
+        return RayJobHook(address=self.dashboard_url, ray_conn_id=self.ray_conn_id, token_uri=self.token_uri,
+                          storage_conn_id=self.storage_conn_id)
 
     def trigger_kwargs(self) -> dict[str, Any]:
         """RayJobTrigger's cluster arguments (the caller adds job_id and poll_interval)."""
-        return {"address": self.dashboard_url, "ray_conn_id": self.ray_conn_id, "token_file": self.token_file}
+        return {"address": self.dashboard_url, "ray_conn_id": self.ray_conn_id, "token_uri": self.token_uri,
+                "storage_conn_id": self.storage_conn_id}
 
     def job_url(self, job_id: str) -> str | None:
         """The job's page on the dashboard, when the cluster's dashboard URL is known."""

@@ -62,23 +62,3 @@ class StorageHook(BaseHook):
         tmp = self.path(uri + ".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.rename(target)
-
-    def copy_tree(self, src_uri: str, dst_uri: str) -> int:
-        """Copy every file under src to dst (across schemes); returns the number of files."""
-        src, dst = self.path(src_uri), self.path(dst_uri)
-        count = 0
-        for item in src.rglob("*"):
-            if item.is_file():
-                # Relative part by string: object-store paths have no relative_to() across schemes.
-                target = dst / item.path[len(src.path):].lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with item.open("rb") as fin, target.open("wb") as fout:
-                    while chunk := fin.read(8 << 20):
-                        fout.write(chunk)
-                count += 1
-        return count
-
-    def remove_tree(self, uri: str) -> None:
-        path = self.path(uri)
-        if path.exists():
-            path.fs.rm(path.path, recursive=True)

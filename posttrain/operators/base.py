@@ -32,6 +32,16 @@ class PosttrainOperator(BaseOperator):
     def load_recipe(self) -> Recipe:
         return Recipe.model_validate(self.storage.read_json(f"{self.workspace}/recipe.json"))
 
+    def lineage(self, recipe: Recipe) -> tuple[list[str], list[str]]:
+        """(URIs read, URIs written) for OpenLineage; the stages that move data override it."""
+        return [], []
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """Called by the OpenLineage provider's listener after the task succeeded (operators/lineage.py)."""
+        from posttrain.operators.lineage import operator_lineage
+
+        return operator_lineage(*self.lineage(self.load_recipe()))
+
     def local_workspace(self) -> Path:
         """The workspace as a local folder, for stages that work on its files in this process (they
         need a file:// workspace)."""

@@ -9,6 +9,9 @@ from posttrain.prep.prepare import prepare
 
 
 class PrepareDataOperator(PosttrainOperator):
+    def lineage(self, recipe: Any) -> tuple[list[str], list[str]]:
+        return [recipe.data.train, recipe.data.eval, recipe.tokenizer_uri], [f"{self.workspace}/data"]
+
     def execute(self, context: Any) -> dict[str, Any]:
         # Straight to the workspace, a local folder or an object store (through the storage connection).
         manifest = prepare(self.load_recipe(), self.storage.store(self.workspace),

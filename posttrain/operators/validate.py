@@ -15,6 +15,9 @@ class DataValidationError(AirflowException):
 
 
 class ValidateDataOperator(PosttrainOperator):
+    def lineage(self, recipe: Any) -> tuple[list[str], list[str]]:
+        return [recipe.data.train, recipe.data.eval], [f"{self.workspace}/validation/report.json"]
+
     def _lines(self, uri: str) -> Iterator[bytes]:
         with self.storage.path(uri).open("rb") as fh:  # streamed, never read whole
             yield from fh

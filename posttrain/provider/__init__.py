@@ -17,11 +17,13 @@ def get_provider_info() -> dict[str, Any]:
         "connection-types": [
             {"connection-type": "ray", "hook-class-name": "posttrain.hooks.ray.RayJobHook"},
         ],
-        "hooks": [{"integration-name": "Ray", "python-modules": ["posttrain.hooks.ray", "posttrain.hooks.local_ray"]}],
+        "hooks": [{"integration-name": "Ray", "python-modules": ["posttrain.hooks.ray", "posttrain.hooks.local_ray"]},
+                  {"integration-name": "MLflow", "python-modules": ["posttrain.hooks.mlflow"]}],
         "operators": [{"integration-name": "posttrain", "python-modules": [
             "posttrain.operators.recipe", "posttrain.operators.validate", "posttrain.operators.prepare",
             "posttrain.operators.ray_cluster", "posttrain.operators.train", "posttrain.operators.evaluate",
             "posttrain.operators.promote"]}],
         "triggers": [{"integration-name": "Ray", "python-modules": ["posttrain.triggers.ray"]}],
-        "extra-links": ["posttrain.links.RayDashboardLink"],
+        "extra-links": ["posttrain.links.RayDashboardLink", "posttrain.links.MlflowRunLink",
+                        "posttrain.links.MlflowModelVersionLink"],
     }

@@ -1,10 +1,13 @@
 """Export the trained model in Hugging Face format (safetensors + tokenizer) for evaluation and
 serving. The full state dict is gathered from the shards to rank 0 only. The merged model has the
-base checkpoint's shapes: rows added by vocabulary padding at load are dropped."""
+base checkpoint's shapes: rows added by vocabulary padding at load are dropped. A recipe's custom
+components (model.components) are written next to the weights, in `components/` (see
+models/components.py: the safetensors, components.json naming the class, a README on loading)."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,6 +16,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from posttrain.recipe import Recipe
+from posttrain.training_lib.models.components import FOLDER as COMPONENTS_FOLDER
+from posttrain.training_lib.models.components import save_components, split_state
 from posttrain.training_lib.models.loading import apply_lora, pad_vocab, unpad_vocab
 from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 from posttrain.uris import model_location
@@ -24,6 +29,8 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
+    # The recipe's components (a custom head) are no part of the HF model: they go to components/.
+    full, parts = split_state(full)
     full = {k.removeprefix(CausalLMWithLoss.PREFIX): v for k, v in full.items()}
     config = AutoConfig.from_pretrained(model_location(recipe.model.base))
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -33,14 +40,17 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
     fresh.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     _keep_generation_config(fresh, model_location(recipe.model.base))
     tokenizer = AutoTokenizer.from_pretrained(model_location(recipe.tokenizer_uri))
+    def with_components(folder: Path) -> None:
+        save_components(folder, recipe, parts)
+
     if recipe.model.lora is not None:
-        _save_atomic(fresh, tokenizer, out_dir / "adapter")
+        _save_atomic(fresh, tokenizer, out_dir / "adapter", with_components)
         if not recipe.model.lora.merge_on_export:
             return out_dir / "adapter"
         fresh = fresh.merge_and_unload()
     unpad_vocab(fresh)
     fresh.config.use_cache = True
-    return _save_atomic(fresh, tokenizer, out_dir / "model")
+    return _save_atomic(fresh, tokenizer, out_dir / "model", with_components)
 
 
 def _keep_generation_config(model: torch.nn.Module, base: str) -> None:
@@ -55,12 +65,16 @@ def _keep_generation_config(model: torch.nn.Module, base: str) -> None:
     target.generation_config = config
 
 
-def _save_atomic(model: torch.nn.Module, tokenizer: object, target: Path) -> Path:
-    """Write into `<target>.tmp` and rename: a folder with the final name is always complete."""
+def _save_atomic(model: torch.nn.Module, tokenizer: object, target: Path,
+                 extra: Callable[[Path], None] | None = None) -> Path:
+    """Write into `<target>.tmp` (and `extra(tmp)`: the components) and rename: a folder with the
+    final name is always complete."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -74,4 +88,9 @@ def merged_from_adapter(recipe: Recipe, adapter_dir: Path, target: Path) -> Path
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     unpad_vocab(merged)
     merged.config.use_cache = True
-    return _save_atomic(merged, AutoTokenizer.from_pretrained(str(adapter_dir)), target)
+
+    def copy_components(folder: Path) -> None:  # the adapter's head goes with the merged weights
+        if (adapter_dir / COMPONENTS_FOLDER).is_dir():
+            shutil.copytree(adapter_dir / COMPONENTS_FOLDER, folder / COMPONENTS_FOLDER)
+
+    return _save_atomic(merged, AutoTokenizer.from_pretrained(str(adapter_dir)), target, copy_components)

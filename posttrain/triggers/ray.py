@@ -54,24 +54,29 @@ class RayJobTrigger(BaseTrigger):
     be reached for `retry_window_s` seconds in a row or refused the request (401/403/404)."""
 
     def __init__(self, job_id: str, address: str | None = None, ray_conn_id: str = "ray_default",
-                 token_file: str | None = None, poll_interval: float = 2.0,
-                 retry_window_s: float = DEFAULT_RETRY_WINDOW_S):
+                 token_uri: str | None = None, storage_conn_id: str | None = None, poll_interval: float = 2.0,
+                 retry_window_s: float = DEFAULT_RETRY_WINDOW_S, token_file: str | None = None):
+        """`token_uri`: where the cluster's token is (the run workspace, read with `storage_conn_id`
+        on whichever triggerer runs this); kwargs carry only that place, never the token, since the
+        UI shows them. `token_file`: the same as a local path."""
         super().__init__()
         self.job_id = job_id
         self.address = address
         self.ray_conn_id = ray_conn_id
-        self.token_file = token_file
+        self.token_uri = token_uri or token_file
+        self.storage_conn_id = storage_conn_id
         self.poll_interval = poll_interval
         self.retry_window_s = retry_window_s
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}", {
             "job_id": self.job_id, "address": self.address, "ray_conn_id": self.ray_conn_id,
-            "token_file": self.token_file, "poll_interval": self.poll_interval,
+            "token_uri": self.token_uri, "storage_conn_id": self.storage_conn_id, "poll_interval": self.poll_interval,
             "retry_window_s": self.retry_window_s})
 
     def hook(self) -> RayJobHook:
-        return RayJobHook(address=self.address, ray_conn_id=self.ray_conn_id, token_file=self.token_file)
+        return RayJobHook(address=self.address, ray_conn_id=self.ray_conn_id, token_uri=self.token_uri,
+                          storage_conn_id=self.storage_conn_id)
 
     def log_lines(self, lines: list[str]) -> None:
         for line in lines:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO, write_recipe
 
-HEAVY = ("torch", "ray", "transformers", "vllm", "peft", "great_expectations")
+HEAVY = ("torch", "ray", "transformers", "vllm", "peft", "great_expectations", "mlflow")
 
 
 def dags_folder(tmp_path: Path) -> Path:

@@ -3,6 +3,8 @@ the same code on S3 (moto's server on loopback) through ObjectStoragePath."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from pathlib import Path
 
@@ -62,7 +64,11 @@ def test_champion_pointer_is_replaced_atomically(tmp_path: Path, monkeypatch) ->
     assert task_states(first)["promote"] == "success"
     champion = json.loads(champion_file.read_text())
     promoted = local_path(champion["model_uri"])
-    assert sorted(p.name for p in promoted.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    # The copy, and its commit.json (every file's size and sha256, checked at the target) last.
+    assert sorted(p.name for p in promoted.iterdir()) == ["commit.json", "config.json", "model.safetensors",
+                                                          "tokenizer.json"]
+    commit = json.loads((promoted / "commit.json").read_text())
+    assert commit["files"]["config.json"]["size"] == (workspace / "model" / "config.json").stat().st_size
     assert champion["value"] == 2.0 and champion["previous_version"] is None
 
     # A worse challenger: skipped (no asset event), pointer untouched, reason recorded.
@@ -74,21 +80,21 @@ def test_champion_pointer_is_replaced_atomically(tmp_path: Path, monkeypatch) ->
     assert decision["promoted"] is False and "is not lower than champion" in decision["reason"]
 
     # A better challenger whose copy dies half way: the pointer still names the complete old copy.
-    from posttrain.hooks.storage import StorageHook
+    from posttrain.operators import promote
 
-    real_copy = StorageHook.copy_tree
+    real_copy = promote.copy_tree_verified
 
-    def copy_then_die(self, src, dst):
-        real_copy(self, src, dst)
+    def copy_then_die(src, dst):
+        real_copy(src, dst)
         raise OSError("disk full while copying the model")
 
-    monkeypatch.setattr(StorageHook, "copy_tree", copy_then_die)
+    monkeypatch.setattr(promote, "copy_tree_verified", copy_then_die)
     fake_run_workspace(recipe_path, workspace, 1.0)
     third = run_dag_file(promote_dag("promote_file", f"file://{workspace}", None), "promote_file")
     assert task_states(third)["promote"] == "failed"
     assert json.loads(champion_file.read_text()) == champion
     assert not any(p.name.endswith(".tmp") for p in champion_file.parent.iterdir())
-    monkeypatch.setattr(StorageHook, "copy_tree", real_copy)
+    monkeypatch.setattr(promote, "copy_tree_verified", real_copy)
 
     # Retried, it completes and the pointer moves to the new version.
     fourth = run_dag_file(promote_dag("promote_file", f"file://{workspace}", None), "promote_file")
@@ -110,6 +116,10 @@ def test_promotion_on_s3_through_moto(tmp_path: Path, moto_server: str) -> None:
     fake_run_workspace(recipe_path, local_ws, 1.5)
     pq.write_table(pa.table({"example_id": ["1-a", "2-b"], "eval_loss__sum": [3.0, 1.5], "eval_loss__tokens": [2, 1]}),
                    local_ws / "eval" / "per_example.parquet")
+    # An export on S3 comes with its commit.json (storage_fs.publish): promotion checks the copy against it.
+    files = {f.name: {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+             for f in sorted((local_ws / "model").iterdir())}
+    (local_ws / "model" / "commit.json").write_text(json.dumps({"files": files}))
     prefix = "posttrain/s3-promo/runs/r1"
     for path in local_ws.rglob("*"):
         if path.is_file():
@@ -122,7 +132,10 @@ def test_promotion_on_s3_through_moto(tmp_path: Path, moto_server: str) -> None:
     key_prefix = champion["model_uri"].removeprefix("s3://models/") + "/"
     objects = s3.list_objects_v2(Bucket="models", Prefix=key_prefix)["Contents"]
     keys = sorted(o["Key"].removeprefix(key_prefix) for o in objects)
-    assert keys == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert keys == ["commit.json", "config.json", "model.safetensors", "tokenizer.json"]
+    # Copied by the S3 server (CopyObject with a SHA256 checksum it computed), not through the worker.
+    head = s3.head_object(Bucket="models", Key=key_prefix + "model.safetensors", ChecksumMode="ENABLED")
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == files["model.safetensors"]["sha256"]
     # The per-example results a later run pairs with, kept beside the promoted model.
     assert champion["per_example_uri"] == f"s3://models/posttrain/s3-promo/evaluations/{champion['version']}/" \
                                           "per_example.parquet"

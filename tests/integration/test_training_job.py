@@ -1,11 +1,13 @@
 """The training job on a local Ray head, as the operators submit it (streaming packing, 2 FSDP2
 workers): a run killed mid-way and submitted again (what an Airflow retry does), and a run that
 loses a Ray Train worker mid-way, both resume from their last checkpoint and end exactly where an
-uninterrupted run ends: same loss at every step, same final weights, bit for bit."""
+uninterrupted run ends: same loss at every step, same final weights, bit for bit (a custom head's too)."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
 from pathlib import Path
 
@@ -64,10 +66,15 @@ def train_workers(cluster: dict) -> list[psutil.Process]:
             if "RayTrainWorker" in " ".join(p.cmdline() if p.is_running() else [])]
 
 
+HEAD = "tests.fixtures.heads_example:ResidualProjection"
+
+
 def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: dict) -> None:
     steps = 40
+    # With a custom head: its weights and optimizer state resume exactly too (DCP).
     recipe = load_recipe(write_recipe(
         tmp_path, name="resume", data={"packing": {"mode": "streaming", "buffer_docs": 64}},
+        model={"base": str(tiny_model), "components": {"head": HEAD}},
         training={"max_steps": steps, "checkpoint_every": 5, "keep_checkpoints": 2, "learning_rate": 1e-3}))
     straight = new_workspace(tmp_path / "straight", recipe)
     interrupted = new_workspace(tmp_path / "interrupted", recipe)
@@ -105,32 +112,79 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: d
 
     assert losses(interrupted) == losses(straight) == losses(worker_lost)
     assert sorted(losses(straight)) == list(range(1, steps + 1))
-    a = load_file(straight / "model" / "model.safetensors")
-    for other in (interrupted, worker_lost):
-        b = load_file(other / "model" / "model.safetensors")
-        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    for weights in ("model.safetensors", "components/head.safetensors"):
+        a = load_file(straight / "model" / weights)
+        for other in (interrupted, worker_lost):
+            b = load_file(other / "model" / weights)
+            assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
-def test_lora_under_fsdp_trains_only_the_adapters(tmp_path: Path, tiny_model: Path, cluster: dict) -> None:
-    """LoRA (PEFT) on 2 FSDP2 workers with activation checkpointing: only adapter weights train,
-    the export holds the adapter and the merged model, and merging changed only the targeted layers."""
+def test_lora_under_fsdp_trains_only_the_adapters_and_the_custom_head(tmp_path: Path, tiny_model: Path,
+                                                                      cluster: dict) -> None:
+    """LoRA (PEFT) on 2 FSDP2 workers with activation checkpointing and a custom head
+    (`model.components.head`, tests/fixtures/heads_example.py): only the adapter weights and the head
+    train, the export holds the adapter, the merged model and the head (components/), merging changed
+    only the targeted layers, and the export reloaded with its head scores the eval set exactly as
+    the trained model of the last checkpoint does (and not as the export without its head)."""
     recipe = load_recipe(write_recipe(
         tmp_path, name="lora", model={"base": str(tiny_model), "lora": {"rank": 4, "alpha": 8, "dropout": 0.0,
-                                                                      "target_modules": ["q_proj", "v_proj"]}},
+                                                                      "target_modules": ["q_proj", "v_proj"]},
+                                      "components": {"head": HEAD}},
         training={"max_steps": 6, "learning_rate": 5e-3, "checkpoint_every": 3, "activation_checkpointing": True}))
     workspace = new_workspace(tmp_path / "ws", recipe)
     hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
     status, logs = wait(hook, submit(hook, cluster, workspace, "lora"))
     assert status == "SUCCEEDED", logs[-3000:]
 
-    # 2 layers × (q_proj + v_proj) × (A: 4×64 + B: 64×4) adapter weights, nothing else.
-    assert "2048 trainable parameters" in logs and '"activation_checkpointing": true' in logs
+    # 2 layers × (q_proj + v_proj) × (A: 4×64 + B: 64×4) adapter weights, and the head's 64×64 + 64.
+    assert f"{2048 + 64 * 64 + 64} trainable parameters" in logs and '"activation_checkpointing": true' in logs
     adapter = load_file(workspace / "adapter" / "adapter_model.safetensors")
     assert len(adapter) == 8 and all("lora_" in k for k in adapter)
     base, merged = load_file(tiny_model / "model.safetensors"), load_file(workspace / "model" / "model.safetensors")
     assert base.keys() == merged.keys()
     changed = {k for k in base if not base[k].equal(merged[k])}
     assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")}
+    loss = losses(workspace)
+    assert all(math.isfinite(v) for v in loss.values()) and loss[6] < loss[1], loss
+    assert_head_trained_and_exported(recipe, workspace)
+
+
+def assert_head_trained_and_exported(recipe, workspace: Path) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from posttrain.training_lib.data.loader import read_blocks
+    from posttrain.training_lib.evaluation.loss import eval_loss
+    from posttrain.training_lib.evaluation.run import run as evaluate
+    from posttrain.training_lib.models.components import initial_head, training_model
+
+    for folder in ("model", "adapter"):
+        index = json.loads((workspace / folder / "components" / "components.json").read_text())
+        assert index["head"]["class"] == HEAD and (workspace / folder / "components" / "README.md").exists()
+    trained = load_file(workspace / "model" / "components" / "head.safetensors")
+    reference = training_model(recipe)  # the single-process model, with the head as training starts it
+    start = initial_head(recipe, reference.lm.get_base_model().config).state_dict()
+    assert trained.keys() == start.keys() and all(not trained[k].equal(start[k]) for k in trained)
+
+    # The trained model itself: the last checkpoint (DCP, written by the 2 FSDP2 ranks) in one process.
+    state = get_model_state_dict(reference)
+    dcp.load({"model": state}, checkpoint_id=str(workspace / "checkpoints" / "step-00000006"))
+    set_model_state_dict(reference, state)
+    assert all(reference.head.state_dict()[k].equal(trained[k]) for k in trained)
+    blocks = read_blocks(workspace, "eval")
+    with torch.no_grad():
+        total = sum(float(reference(**{k: v[i:i + 4] for k, v in blocks.items()}))
+                    for i in range(0, blocks["input_ids"].shape[0], 4))
+    scored, _ = eval_loss(workspace / "model", workspace)  # the export + its head, as evaluate loads them
+    assert abs(scored["eval_loss"] * scored["eval_tokens"] - total) <= 1e-4 * total, (scored, total)
+    shutil.copytree(workspace / "model", workspace / "headless")
+    shutil.rmtree(workspace / "headless" / "components")
+    without, _ = eval_loss(workspace / "headless", workspace)
+    assert abs(without["eval_loss"] - scored["eval_loss"]) > 1e-3, (without, scored)
+    # The evaluate stage: eval_loss with the head, no vLLM generations of a model without it.
+    metrics = evaluate(recipe, workspace)
+    assert metrics == scored and not (workspace / "eval" / "samples.jsonl").read_text()
 
 
 def test_tensor_parallel_job_resumes_and_tracks_the_single_worker_run(tmp_path: Path, tiny_model: Path,

@@ -66,7 +66,7 @@ def test_example_recipe_is_valid_and_resolves_relative_paths() -> None:
     ({"schedule": "@daily", "trigger_on_assets": ["s3://b/x"]}, "(recipe)", "exclusive"),
     ({"name": "Has Spaces"}, "name", "should match pattern"),
     ({"storage": {"root": "gs://bucket"}}, "storage.root", "not supported"),
-    ({"model": {"base": "m", "components": {"head": "not a path"}}}, "model.components", "import path"),
+    ({"model": {"base": "m", "components": {"head": "not a path"}}}, "model.components.head", "import path"),
 ])
 def test_schema_errors_name_the_field(tmp_path: Path, sections: dict, field: str, message: str) -> None:
     path = write_recipe(tmp_path, **sections)

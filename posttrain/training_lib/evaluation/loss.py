@@ -1,5 +1,6 @@
 """Teacher-forced loss on the prepared eval blocks: the same masking and packing as training.
 
+A custom head the export carries (model/components/) is applied as in training.
 Besides the aggregate (summed loss over every labelled token / their count, as training reports
 it), each eval example's summed loss and labelled-token count, keyed by its line in the eval file:
 what a paired comparison of this token-weighted mean needs (see posttrain/promotion_stats.py)."""
@@ -15,6 +16,7 @@ from posttrain.prep.packing import IGNORE
 from posttrain.training_lib.data.loader import read_blocks, split_tables
 from posttrain.training_lib.losses.chunked import chunked_cross_entropy
 from posttrain.training_lib.losses.logprobs import token_logprobs
+from posttrain.training_lib.models.components import load_components
 from posttrain.training_lib.models.loading import load_for_eval
 from posttrain.training_lib.models.with_loss import CausalLMWithLoss, base_model, output_weight
 
@@ -32,7 +34,9 @@ def block_documents(workspace: Path, split: str = "eval") -> tuple[list[list[int
 @torch.no_grad()
 def eval_loss(model_dir: Path, workspace: Path, batch_size: int = 4) -> tuple[dict, dict[int, dict]]:
     """({eval_loss, eval_tokens}, {line: {eval_loss__sum, eval_loss__tokens}})."""
-    model = CausalLMWithLoss(load_for_eval(model_dir)).eval()
+    lm = load_for_eval(model_dir)
+    # The export's custom head (model/components/), as training applied it; none for a plain export.
+    model = CausalLMWithLoss(lm, head=load_components(model_dir, lm.config).get("head")).eval()
     weight = output_weight(base_model(model.lm))
     blocks = read_blocks(workspace, "eval")
     documents = block_documents(workspace)

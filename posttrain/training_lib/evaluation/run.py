@@ -20,6 +20,7 @@ from posttrain.training_lib.evaluation.loss import eval_loss
 from posttrain.training_lib.evaluation.preference import preference_metrics
 from posttrain.training_lib.evaluation.rewards import reward_metrics
 from posttrain.training_lib.export import merged_from_adapter
+from posttrain.training_lib.models.components import components_of
 
 
 def run(recipe: Recipe, workspace: Path) -> dict:
@@ -58,7 +59,12 @@ def run(recipe: Recipe, workspace: Path) -> dict:
         loss, per_line = eval_loss(model_dir, workspace)
         metrics.update(loss)
         _merge(by_key, per_line)
-    if recipe.data.format == "chat":  # generated samples are kept for reading even without the metric
+    if components_of(model_dir):
+        # vLLM serves the Hugging Face weights only: its generations would be those of a model without
+        # the recipe's head, not the trained one (the schema refuses generation metrics with a head).
+        print(f"no generations: the export carries model.components {sorted(components_of(model_dir))}, which "
+              "vLLM cannot run; eval_loss includes them", flush=True)
+    elif recipe.data.format == "chat":  # generated samples are kept for reading even without the metric
         gen_metrics, samples, per_line = generate_and_score(recipe, model_dir)
         if "exact_match" in wanted:
             metrics.update(gen_metrics)

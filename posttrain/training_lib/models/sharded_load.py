@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,11 @@ def local_region(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tu
     return param, tuple(param.shape), (0,) * param.dim()
 
 
+def shard_index(offset: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The index of a local shard in its global tensor."""
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
 def _seeded_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Full initial value of a parameter the checkpoint lacks: LoRA B zeros (the adapter starts as a
     no-op), LoRA A as nn.Linear initialises (kaiming-uniform, a=√5). Small tensors only."""
@@ -90,9 +96,12 @@ def _seeded_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
                          "the checkpoint does not match the model config")
 
 
-def load_shards(model: torch.nn.Module, model_dir: Path, seed: int) -> LoadReport:
-    """Fill every parameter's local shard in place from the checkpoint (after `to_empty`)."""
+def load_shards(model: torch.nn.Module, model_dir: Path, seed: int,
+                initial: Mapping[str, torch.Tensor] | None = None) -> LoadReport:
+    """Fill every parameter's local shard in place from the checkpoint (after `to_empty`).
+    `initial`: full values of parameters outside the checkpoint by name (a custom head's)."""
     index = safetensors_index(model_dir)
+    initial = initial or {}
     report = LoadReport()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -102,15 +111,18 @@ def load_shards(model: torch.nn.Module, model_dir: Path, seed: int) -> LoadRepor
             if local.numel() == 0:
                 continue
             key = checkpoint_name(name)
+            if key in initial:
+                local.copy_(initial[key][shard_index(offset, shape)])
+                report.initialized.append(key)
+                continue
             if key == "lm_head.weight" and key not in index:  # tied: stored once, as the embedding
                 key = "model.embed_tokens.weight"
-            region = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
             if key not in index and (experts := expert_keys(key, index)) is not None:
                 report.bytes_read += _copy_experts(local, experts, index, offset, shape)
                 report.tensors_read += 1
                 continue
             if key not in index:
-                local.copy_(_seeded_init(key, tuple(param.shape), seed)[region])
+                local.copy_(_seeded_init(key, tuple(param.shape), seed)[shard_index(offset, shape)])
                 report.initialized.append(key)
                 continue
             # One open per tensor: the file is memory-mapped, and a mapping kept open for the whole
@@ -174,15 +186,17 @@ def _copy_region(local: torch.Tensor, stored: object, key: str, full_shape: tupl
     report.bytes_read += values.numel() * values.element_size()
 
 
-def materialize(model: torch.nn.Module, device: str, model_dir: Path, seed: int) -> LoadReport:
-    """Allocate this rank's shards on `device` and load them. Buffers (rotary frequencies) were
-    built for real on the CPU and survive `to_empty`, which would otherwise leave them garbage."""
+def materialize(model: torch.nn.Module, device: str, model_dir: Path, seed: int,
+                initial: Mapping[str, torch.Tensor] | None = None) -> LoadReport:
+    """Allocate this rank's shards on `device` and load them (`initial`: see load_shards). Buffers
+    (rotary frequencies) were built for real on the CPU and survive `to_empty`, which would
+    otherwise leave them garbage."""
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     model.to_empty(device=device)
     with torch.no_grad():
         for name, buf in model.named_buffers():
             buf.copy_(buffers[name])
-    report = load_shards(model, model_dir, seed)
+    report = load_shards(model, model_dir, seed, initial)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise ShardLoadError(f"still on the meta device after loading: {left[:5]}")

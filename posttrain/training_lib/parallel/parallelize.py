@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from posttrain.planning import Plan
 from posttrain.recipe import Recipe
+from posttrain.training_lib.models.components import meta_head
 from posttrain.training_lib.models.loading import build_on_meta, decoder_layers, model_dir
 from posttrain.training_lib.models.sharded_load import LoadReport, materialize
 from posttrain.training_lib.models.with_loss import CausalLMWithLoss, base_model
@@ -107,12 +108,16 @@ def build_parallel_model(recipe: Recipe, plan: Plan, mesh: DeviceMesh) -> tuple[
     # outside the blocks: our per-document attention splits on the data (a graph break), and a
     # break inside a checkpointed block makes dynamo give up on the whole block.
     attention = "sdpa" if plan.compile else None
-    model = CausalLMWithLoss(build_on_meta(recipe, attention=attention), recipe.training.loss_chunk_tokens)
+    lm = build_on_meta(recipe, attention=attention)
+    # A recipe's head (model.components.head) is part of the root: FSDP2 shards it with the embedding
+    # and output layer, each rank fills its shard from the head's seeded initial values.
+    head, initial = meta_head(recipe, base_model(lm).config)
+    model = CausalLMWithLoss(lm, recipe.training.loss_chunk_tokens, head=head)
     if plan.strategy == "ddp":
-        report = materialize(model, plan.device, model_dir(recipe.model.base), recipe.training.seed)
+        report = materialize(model, plan.device, model_dir(recipe.model.base), recipe.training.seed, initial)
         return parallelize(model, plan, mesh), report
     model = parallelize(model, plan, mesh)
-    return model, materialize(model, plan.device, model_dir(recipe.model.base), recipe.training.seed)
+    return model, materialize(model, plan.device, model_dir(recipe.model.base), recipe.training.seed, initial)
 
 
 def build_frozen_model(recipe: Recipe, plan: Plan, mesh: DeviceMesh, base: str) -> tuple[torch.nn.Module, LoadReport]:

@@ -30,12 +30,13 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 tiny-model: $(STAMP)
-	$(BIN)/posttrain tiny-model $(TINY)
-	$(BIN)/posttrain tiny-teacher $(TINY)-teacher --base $(TINY) --data dags/data/tiny-chat/train.jsonl
+	@$(BIN)/posttrain tiny-model $(TINY)
+	@$(BIN)/posttrain tiny-teacher $(TINY)-teacher --base $(TINY) --data dags/data/tiny-chat/train.jsonl
 
 RECIPE ?= dags/recipes/tiny-sft.yaml
+# A compact live view and the summary; the full Airflow, GX and Ray output goes to the log file it names.
 demo: tiny-model
-	$(BIN)/posttrain run $(RECIPE) $(DEMO_ARGS)
+	@$(BIN)/posttrain run $(RECIPE) $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check posttrain tests benchmarks dags

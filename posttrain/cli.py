@@ -86,6 +86,7 @@ def _parse_conf(pairs: list[str]) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     use_repo_tmpdir()  # temp files of the run and its Ray/vLLM processes stay under POSTTRAIN_HOME
+    from posttrain.live_view import default_log_path, redirected_output
     from posttrain.paths import posttrain_home
 
     recipe_path = Path(args.recipe).resolve()
@@ -99,18 +100,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         "from posttrain.dags import load_recipe_dags\n"
         f"globals().update(load_recipe_dags({str(recipe_path.parent)!r}, only={recipe_path.name!r}))\n")
     _airflow_env(home, dags_folder)
+    log_path = Path(args.log).resolve() if args.log else default_log_path(recipe.name)
+    print(f"{recipe.dag_id}: the Airflow, GX and Ray output goes to {log_path}", flush=True)
+    # Before airflow is imported: it configures its logging (and colours) for the stream it finds.
+    with redirected_output(log_path) as term:
+        try:
+            return _run_dag(recipe, dags_folder, args, term, log_path)
+        except Exception as exc:  # the traceback goes to the log, what and where to the terminal
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-20:]
+            term.write(f"posttrain run failed: {type(exc).__name__}: {exc}\n"
+                       + "".join(f"    | {line}\n" for line in lines) + f"  full log: {log_path}\n")
+            return 1
+
+
+def _run_dag(recipe: Any, dags_folder: Path, args: argparse.Namespace, term: Any, log_path: Path) -> int:
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, stdout=subprocess.DEVNULL)
 
     from airflow.dag_processing.dagbag import DagBag
 
+    from posttrain.live_view import LiveView, last_run_row
     from posttrain.summary import print_summary
 
     bag = DagBag(dag_folder=str(dags_folder))
     if recipe.dag_id not in bag.dags:
-        print(f"{recipe.dag_id} did not load: {bag.import_errors}", file=sys.stderr)
+        term.write(f"{recipe.dag_id} did not load: {bag.import_errors}\n  full log: {log_path}\n")
         return 1
-    dag_run = bag.dags[recipe.dag_id].test(run_conf=_parse_conf(args.conf))
-    return print_summary(recipe, dag_run)
+    view = LiveView(term, log_path, recipe.dag_id, last_run_row(recipe.dag_id), every=args.progress_every)
+    view.start()
+    try:
+        dag_run = bag.dags[recipe.dag_id].test(run_conf=_parse_conf(args.conf))
+    finally:
+        view.stop()
+    return print_summary(recipe, dag_run, out=term, log_path=log_path)
 
 
 def _holds_model(out: Path, force: bool) -> bool:
@@ -179,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                    help="run parameter (the same whitelist as a manual trigger), repeatable")
+    p.add_argument("--log", metavar="FILE",
+                   help="where the Airflow, GX and Ray output goes (default: .posttrain/logs/run-<recipe>-<time>.log)")
+    p.add_argument("--progress-every", type=int, default=0, metavar="N",
+                   help="off a terminal, print the training progress line every N steps (default: about 5 lines)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("gc", help="terminate EC2 Ray clusters whose DAG run is no longer running")
     p.add_argument("--older-than", default="6h", help="only clusters launched longer ago than this (default 6h)")

@@ -36,3 +36,23 @@ class MlflowModelVersionLink(RayDashboardLink):
     """The model version registered for this run (promote)."""
 
     name = "MLflow model version"
+
+
+class RunReportLink(BaseOperatorLink):
+    """The run's report.html (report and promote tasks): its storage URL, from the task's workspace.
+
+    The task runner calls get_link when a task ends and stores what it returns for the UI, so this
+    needs no XCom of its own: promote's link names the report its run's report task writes next.
+    Airflow's UI does not serve workspace files; a file:// or s3:// URL opens where the viewer's
+    browser or tools reach the store."""
+
+    name = "Run report"
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        from posttrain.report.build import REPORT
+
+        workspace = getattr(operator, "workspace", None)
+        if not isinstance(workspace, str) or "{{" in workspace or not workspace.strip():
+            return ""  # not rendered: the task never ran (no workspace to point at)
+        uri = f"{workspace.rstrip('/')}/{REPORT}"
+        return uri if "://" in uri else f"file://{uri}"

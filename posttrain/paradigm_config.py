@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from posttrain.config_base import NonBlank
 from posttrain.config_base import Strict as _Strict
 from posttrain.rewards import RewardSpec
+from posttrain.uris import check_model_uri
 
 Paradigm = Literal["sft", "dpo", "kd", "grpo"]
 # The data format each paradigm trains on (the metrics each is evaluated by: posttrain/eval_metrics.py).
@@ -29,7 +30,7 @@ class DpoConfig(_Strict):
 
 class KdConfig(_Strict):
     """Knowledge distillation (paradigm kd, chat data): a frozen teacher of the same tokenizer."""
-    teacher: NonBlank  # a local folder (relative to the recipe) or hf://org/name
+    teacher: NonBlank  # a local folder (relative to the recipe), s3://bucket/prefix or hf://org/name
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     # loss = weight · divergence + (1 − weight) · cross-entropy on the data, per assistant token
@@ -38,9 +39,7 @@ class KdConfig(_Strict):
     @field_validator("teacher")
     @classmethod
     def _teacher_uri(cls, value: str) -> str:
-        if value.startswith("s3://"):
-            raise ValueError("s3:// teacher locations are not supported yet; use a local path or hf://org/name")
-        return value
+        return check_model_uri(value)  # s3:// through each node's model cache, as model.base
 
 
 class GrpoConfig(_Strict):

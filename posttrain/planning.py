@@ -18,7 +18,9 @@ cluster is paid for, not to the megabyte:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from posttrain import instance_types
 from posttrain.model_shape import ModelShape, lora_params  # the shape lives there; callers import it from here too
@@ -147,12 +149,15 @@ class ShapeUnknown(ValueError):
     """The model's shape can't be read on this side: what the plan check could not check, and why."""
 
 
-def read_model_shape(recipe: Recipe) -> ModelShape:
-    """The model's shape from its config.json; raises ShapeUnknown saying why it can't be read."""
+def read_model_shape(recipe: Recipe, models: Callable[[str], Any] | None = None) -> ModelShape:
+    """The model's shape from its config.json; raises ShapeUnknown saying why it can't be read.
+    `models(uri)`: the filesystem reaching an s3:// model (an Airflow task's connection)."""
     base = recipe.model.base
-    config = model_file(base, "config.json")
+    config = model_file(base, "config.json", models(base) if models and base.startswith("s3://") else None)
     if config is None:
         where = ("is not in the Hugging Face cache (nothing is downloaded)" if base.startswith("hf://")
+                 else "could not be read here (no such object, or no credentials for the store on this "
+                 "machine; the training job reads it on its nodes)" if base.startswith("s3://")
                  else "does not exist")
         raise ShapeUnknown(f"the config.json of model.base {base} {where}")
     try:
@@ -208,13 +213,13 @@ def plan_report(recipe: Recipe, shape: ModelShape, device: str | None = None, pl
     return report
 
 
-def check_plan(recipe: Recipe, source: str = "<recipe>") -> dict:
+def check_plan(recipe: Recipe, source: str = "<recipe>", models: Callable[[str], Any] | None = None) -> dict:
     """Refuse, before anything is submitted, a recipe the hardware can't run: a tensor-parallel
     degree that doesn't divide the heads or workers, or a memory estimate over the budget. Returns
     the plan report, or, when the model's config can't be read here, `{"checked": False, "reason":
     ...}`: the caller says so (the check is never skipped silently)."""
     try:
-        shape = read_model_shape(recipe)
+        shape = read_model_shape(recipe, models)
     except ShapeUnknown as exc:
         return {"checked": False, "reason": str(exc)}
     plan = recipe_plan(recipe, shape)

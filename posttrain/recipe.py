@@ -16,12 +16,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from posttrain import instance_types
 from posttrain.components import COMPONENTS, check_component
 from posttrain.config_base import NonBlank, Strict
+from posttrain.data_config import DataConfig, DataValidationConfig, PackingConfig  # noqa: F401 (re-exported)
 from posttrain.ec2_config import Ec2Config
 from posttrain.eval_metrics import MetricName, default_mode, paradigm_metrics
 from posttrain.paradigm_config import PARADIGM_DATA, DpoConfig, GrpoConfig, KdConfig, Paradigm
+from posttrain.promotion_config import PromotionConfig  # noqa: F401 (re-exported)
 from posttrain.recipe_yaml import YamlProblem, load_yaml
 from posttrain.rewards import user_code_imports
-from posttrain.uris import resolve_uri
+from posttrain.uris import check_model_uri, resolve_uri
 
 SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 _CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
@@ -84,38 +86,8 @@ class ModelConfig(_Strict):
     @field_validator("base", "tokenizer")
     @classmethod
     def _model_uri(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith("s3://"):
-            raise ValueError("s3:// model locations are not supported yet; use a local path or hf://org/name")
-        return value
-
-
-class PackingConfig(_Strict):
-    enabled: bool = True
-    mode: Literal["offline", "streaming"] = "offline"
-    buffer_docs: int = Field(512, ge=1)  # streaming: documents packed together per buffer
-    overlong: Literal["truncate", "drop"] = "truncate"
-
-
-class DataValidationConfig(_Strict):
-    min_rows: int = Field(100, ge=1)
-    max_duplicate_fraction: float = Field(0.05, ge=0, le=1)
-    max_overlong_fraction: float = Field(0.05, ge=0, le=1)  # rows longer than max_seq_len (checked when tokenized)
-    allowed_roles: list[Literal["system", "user", "assistant"]] = Field(
-        default_factory=lambda: ["system", "user", "assistant"], min_length=1)
-
-
-class DataConfig(_Strict):
-    format: Literal["chat", "preference", "prompt"] = "chat"
-    train: NonBlank = Field(min_length=1, description="Training data: a JSONL file (a path relative to the recipe, "
-                                                      "or a URI)")
-    eval: NonBlank | None = Field(None, description="Evaluation data: a JSONL file of the same format (path or URI)")
-    max_seq_len: int = Field(2048, gt=0, le=1_048_576)
-    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
-    fold_system_prompt: bool = Field(False, description="Merge a leading system message into the first user turn "
-                                     "(system text, a blank line, user text) before the chat template renders it, "
-                                     "for templates without a system role (Gemma 2)")
-    packing: PackingConfig = Field(default_factory=PackingConfig)
-    validation: DataValidationConfig = Field(default_factory=DataValidationConfig)
+        # s3:// is read through each node's model cache (posttrain/model_cache.py).
+        return None if value is None else check_model_uri(value)
 
 
 class TrainingConfig(_Strict):
@@ -180,18 +152,6 @@ class EvaluationConfig(_Strict):
     max_samples: int = Field(64, ge=1)
     # Default: every metric of the paradigm (posttrain/eval_metrics.py).
     metrics: list[MetricName] | None = Field(None, min_length=1)
-
-
-class PromotionConfig(_Strict):
-    metric: str | None = None  # default: the paradigm's first metric
-    mode: Literal["min", "max"] | None = None  # default: min for losses, max otherwise
-    min_improvement: float = Field(0.0, ge=0, description="Margin by which the challenger must beat the champion")
-    decision: Literal["mean", "confidence"] = Field("confidence", description="confidence: the paired bootstrap "
-                                                    "interval of challenger − champion must clear min_improvement; "
-                                                    "mean: the two aggregates are compared")
-    confidence_level: float = Field(0.95, ge=0.5, le=0.999, description="Two-sided level of that interval")
-    bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples of the interval")
-    bootstrap_seed: int = Field(0, ge=0, description="Seed of the resampling: same results, same interval")
 
 
 class StorageConfig(_Strict):

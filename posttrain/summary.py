@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, TextIO
 
 from posttrain.paths import run_workspace
 from posttrain.recipe import Recipe
@@ -13,11 +16,18 @@ def _read(path: Store) -> Any:
     return path.read_json() if path.exists() else None
 
 
-def run_summary(recipe: Recipe, run_id: str, task_states: dict[str, str], run_state: str) -> str:
+def run_summary(recipe: Recipe, run_id: str, task_states: dict[str, str], run_state: str,
+                task_table: bool = True) -> str:
+    """The run's numbers; `task_table=False` counts the task states on one line (the live view
+    already showed each task)."""
     # A local folder or the bucket (reached with the AWS_* of this environment).
     workspace = Store.at(run_workspace(recipe.storage.root, recipe.name, run_id))
-    lines = [f"{recipe.dag_id}  run {run_id}: {run_state}", f"  workspace {workspace}", "  tasks:"]
-    lines += [f"    {task:<22} {state}" for task, state in task_states.items()]
+    lines = [f"{recipe.dag_id}  run {run_id}: {run_state}", f"  workspace {workspace}"]
+    if task_table:
+        lines += ["  tasks:"] + [f"    {task:<22} {state}" for task, state in task_states.items()]
+    else:
+        counts = Counter(task_states.values())
+        lines.append("  tasks: " + ", ".join(f"{n} {state}" for state, n in counts.most_common()))
     if manifest := _read(workspace / "data" / "manifest.json"):
         for split, s in manifest["splits"].items():
             if "blocks" in s:
@@ -40,8 +50,9 @@ def run_summary(recipe: Recipe, run_id: str, task_states: dict[str, str], run_st
     return "\n".join(lines)
 
 
-def print_summary(recipe: Recipe, dag_run: Any) -> int:
-    """Print the summary of a finished dag.test() run; 0 if the run succeeded."""
+def print_summary(recipe: Recipe, dag_run: Any, out: TextIO | None = None, log_path: Path | None = None) -> int:
+    """Print the summary of a finished dag.test() run; 0 if the run succeeded. With `log_path` (the
+    run's output went there) the summary is compact and each failed task's last log lines follow."""
     from airflow.models import TaskInstance
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -53,5 +64,14 @@ def print_summary(recipe: Recipe, dag_run: Any) -> int:
                                              "train", "evaluate", "promote", "ray_cluster_teardown"])}
         states = {ti.task_id: str(ti.state) for ti in sorted(tis, key=lambda t: order.get(t.task_id, 99))}
     state = str(dag_run.state)
-    print("\n" + run_summary(recipe, dag_run.run_id, states, state), flush=True)
+    out = out or sys.stdout
+    out.write("\n" + run_summary(recipe, dag_run.run_id, states, state, task_table=log_path is None) + "\n")
+    if log_path is not None:
+        from posttrain.live_view import task_log_tail
+
+        for task_id in [t for t, s in states.items() if s == "failed"]:
+            out.write(f"  {task_id} failed; its last log lines:\n")
+            out.writelines(f"    | {line}\n" for line in task_log_tail(log_path, task_id))
+        out.write(f"  full log: {log_path}\n")
+    out.flush()
     return 0 if state == "success" else 1

@@ -16,10 +16,11 @@ from airflow.sdk import DAG, Asset
 
 from posttrain.dags.params import recipe_params
 from posttrain.operators.evaluate import EvaluateOperator
-from posttrain.operators.prepare import PrepareDataOperator
+from posttrain.operators.prepare import PrepareDataOperator, RayPrepareDataOperator
 from posttrain.operators.promote import PromoteOperator
 from posttrain.operators.ray_cluster import RayClusterOperator, RayClusterTeardownOperator
 from posttrain.operators.recipe import ResolveRecipeOperator
+from posttrain.operators.report import ReportOperator
 from posttrain.operators.train import TrainOperator
 from posttrain.operators.validate import ValidateDataOperator
 from posttrain.recipe import Recipe, RecipeError, load_recipe
@@ -52,12 +53,16 @@ def build_dag(recipe: Recipe, recipe_path: str | Path) -> DAG:
         resolve = ResolveRecipeOperator(task_id="resolve_recipe", recipe_path=str(recipe_path), storage_conn_id=conn)
         ws = resolve.output["workspace"]
         validate = ValidateDataOperator(task_id="validate_data", workspace=ws, storage_conn_id=conn)
-        prepare = PrepareDataOperator(task_id="prepare_data", workspace=ws, storage_conn_id=conn)
         cluster = RayClusterOperator(task_id="ray_cluster", workspace=ws, storage_conn_id=conn)
         # Deferrable per the recipe, else per `operators.default_deferrable` (the compose file and
         # `posttrain run` set it).
         waiting = {"deferrable": recipe.airflow.deferrable, "timeout_s": recipe.airflow.job_timeout_s,
                    "retry_window_s": recipe.airflow.dashboard_retry_window_s}
+        if recipe.data.prepare == "ray":  # a Ray Data job on the run's cluster, which starts first
+            prepare: Any = RayPrepareDataOperator(task_id="prepare_data", workspace=ws, cluster=cluster.output,
+                                                  storage_conn_id=conn, **waiting)
+        else:
+            prepare = PrepareDataOperator(task_id="prepare_data", workspace=ws, storage_conn_id=conn)
         train = TrainOperator(task_id="train", workspace=ws, cluster=cluster.output, storage_conn_id=conn, **waiting)
         evaluate = EvaluateOperator(task_id="evaluate", workspace=ws, cluster=cluster.output, storage_conn_id=conn,
                                     **waiting)
@@ -65,9 +70,16 @@ def build_dag(recipe: Recipe, recipe_path: str | Path) -> DAG:
                                   outlets=[champion_asset(recipe)])
         teardown = RayClusterTeardownOperator(task_id="ray_cluster_teardown", workspace=ws, cluster=cluster.output,
                                               storage_conn_id=conn)
-        validate >> prepare >> cluster >> train >> evaluate >> [promote, teardown]
+        # Validation comes before any cluster is provisioned, either way.
+        before_train = [validate, cluster, prepare] if recipe.data.prepare == "ray" else [validate, prepare, cluster]
+        reduce(operator.rshift, before_train) >> train >> evaluate >> [promote, teardown]
         # A teardown that fails (a head left running) fails the run, so nobody misses a leak.
         teardown.as_teardown(setups=cluster, on_failure_fail_dagrun=True)
+        # The run report, last, whatever happened: a teardown without setups runs once everything before
+        # it is done (as trigger_rule all_done would) but leaves the run's state to the tasks before it.
+        report = ReportOperator(task_id="report", workspace=ws, storage_conn_id=conn)
+        [promote, teardown] >> report
+        report.as_teardown()
     # Params are attached after the tasks exist: every operator would otherwise deep-copy them at
     # construction (most of the DAG's parse time), and at run time Airflow merges the DAG's params
     # into each task's context anyway.

@@ -27,34 +27,21 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowSkipException
 
-from posttrain.links import MlflowModelVersionLink, MlflowRunLink
+from posttrain.links import MlflowModelVersionLink, MlflowRunLink, RunReportLink
 from posttrain.operators.registry import ModelRegistryMixin
 from posttrain.paths import safe_name
-from posttrain.promotion_stats import Paired, Table, compare, decide_by_interval, read_table
+from posttrain.promotion_decision import PER_EXAMPLE, decide, decide_against  # noqa: F401 (decide re-exported)
+from posttrain.promotion_stats import Table, read_table
 from posttrain.storage_fs import COMMIT
 from posttrain.storage_promote import copy_tree_verified, copy_verified, read_versioned, sha256_of, write_if
 
-PER_EXAMPLE = "eval/per_example.parquet"
 # How often a run re-decides after another run swapped the champion under it before it gives up.
 RACE_ATTEMPTS = 5
 
 
-def decide(value: float, champion: dict | None, mode: str, min_improvement: float, metric: str) -> tuple[bool, str]:
-    """The `mean` decision: the challenger's aggregate against the champion's."""
-    if champion is None:
-        return True, f"no champion yet; {metric} {value:.6g}"
-    best = champion["value"]
-    gain = (best - value) if mode == "min" else (value - best)
-    verb = "lower" if mode == "min" else "higher"
-    if gain > min_improvement or (min_improvement == 0 and gain > 0):
-        return True, f"{metric} {value:.6g} beats champion {champion['version']} ({best:.6g}) by {gain:.6g}"
-    return False, (f"{metric} {value:.6g} is not {verb} than champion {champion['version']} ({best:.6g}) "
-                   f"by more than {min_improvement:g}")
-
-
 class PromoteOperator(ModelRegistryMixin):
     ui_color = "#fef7e0"
-    operator_extra_links = (MlflowRunLink(), MlflowModelVersionLink())
+    operator_extra_links = (MlflowRunLink(), MlflowModelVersionLink(), RunReportLink())
 
     def lineage(self, recipe: Any) -> tuple[list[str], list[str]]:
         """Read: the run's export and eval results; written (when promoted): the copy and the pointer."""
@@ -114,22 +101,8 @@ class PromoteOperator(ModelRegistryMixin):
         return decision
 
     def _decide(self, recipe: Any, value: float, mine: Table | None, champion: dict | None) -> dict[str, Any]:
-        """The decision against `champion`, with its numbers and the reason in one sentence."""
-        p = recipe.promotion
-        paired, why = None, None
-        if champion is not None:
-            paired, why = self._pair(mine, champion, p.metric, p.confidence_level, p.bootstrap_resamples,
-                                     p.bootstrap_seed)
-        if champion is None or p.decision == "mean":
-            promote, reason = decide(value, champion, p.mode, p.min_improvement, p.metric)
-        elif paired is None:
-            promote, reason = False, (f"could not compare with champion {champion['version']} example by "
-                                      f"example ({why}), so not promoted (promotion.decision: confidence)")
-        else:
-            promote, reason = decide_by_interval(paired, p.mode, p.min_improvement, champion["version"])
-        return {"promoted": promote, "reason": reason, "decision": p.decision, "metric": p.metric,
-                "value": value, "comparison": paired.as_dict() if paired else None,
-                "champion_uri": recipe.champion_uri, "previous_champion": champion}
+        """The decision against `champion` (the approval gate showed the reviewer the same one)."""
+        return decide_against(recipe.promotion, recipe.champion_uri, value, mine, champion, self._table)
 
     def _current_version(self, pointer: Any) -> str:
         data, _ = read_versioned(pointer)
@@ -140,21 +113,6 @@ class PromoteOperator(ModelRegistryMixin):
             return None
         with self.storage.path(uri).open("rb") as fh:
             return read_table(fh)
-
-    def _pair(self, mine: Table | None, champion: dict, metric: str, level: float, resamples: int,
-              seed: int) -> tuple[Paired | None, str | None]:
-        if mine is None:
-            return None, f"this run's evaluation wrote no {PER_EXAMPLE}"
-        uri = champion.get("per_example_uri")
-        if not uri:
-            return None, "the champion has no per-example results (promoted before they were recorded)"
-        try:
-            theirs = self._table(uri)
-        except (OSError, ValueError) as exc:  # not Parquet, or unreadable: no pairing, no promotion
-            return None, f"the champion's per-example results {uri} could not be read ({exc})"
-        if theirs is None:
-            return None, f"the champion's per-example results {uri} are gone"
-        return compare(mine, theirs, metric, level, resamples, seed)
 
     def _targets(self, recipe: Any, version: str) -> tuple[str, str]:
         root = f"{recipe.storage.root}/{recipe.name}"

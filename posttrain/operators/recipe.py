@@ -34,7 +34,9 @@ class ResolveRecipeOperator(BaseOperator):
         resolved = apply_overrides(recipe, changed, source=f"{self.recipe_path} (run parameters)")
         # An impossible parallel plan or a model over the memory budget fails here, before a
         # cluster is started or anything is written (pure Python: reads the model's config.json).
-        plan = check_plan(resolved, source=self.recipe_path)
+        storage = StorageHook(self.storage_conn_id)
+        plan = check_plan(resolved, source=self.recipe_path,
+                          models=lambda uri: storage.path(uri).fs)  # an s3:// model: config.json alone
         if plan["checked"]:
             self.log.info("plan: %s on %d workers (tp %d), about %.3f GiB per device", plan["strategy"],
                           plan["world_size"], plan["tensor_parallel"], plan["total_gib_per_device"])
@@ -42,7 +44,6 @@ class ResolveRecipeOperator(BaseOperator):
             self.log.warning("plan not checked before the cluster starts (tensor-parallel degree, memory per "
                              "device): %s", plan["reason"])
         workspace = run_workspace(resolved.storage.root, resolved.name, context["run_id"])
-        storage = StorageHook(self.storage_conn_id)
         storage.write_json_atomic(f"{workspace}/recipe.json", resolved.model_dump(mode="json"))
         self.log.info("run workspace %s; overrides %s", workspace, changed or "none")
         context["ti"].xcom_push(key="workspace", value=workspace)  # what every later task reads

@@ -17,6 +17,7 @@ right after a marked block trains too, and whitespace at a block's edges does no
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +194,18 @@ def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]
     return mask
 
 
+_BLANK: weakref.WeakKeyDictionary[Any, dict[int, bool]] = weakref.WeakKeyDictionary()
+
+
+def _blank_ids(tokenizer: Any, ids: list[int]) -> dict[int, bool]:
+    """Whether each token decodes to whitespace only, remembered per tokenizer (decoding every token
+    of every row again was 40% of preparing a marker template's rows)."""
+    known = _BLANK.setdefault(tokenizer, {})
+    for t in set(ids).difference(known):
+        known[t] = not tokenizer.decode([t]).strip()
+    return known
+
+
 def _marker_mask(tokenizer: Any, messages: list[dict]) -> Tokenized:
     """Templates with {% generation %} markers say themselves which tokens are the assistant's. A
     marked run loses the whitespace-only tokens at its edges (the newline after a role header or
@@ -202,7 +215,7 @@ def _marker_mask(tokenizer: Any, messages: list[dict]) -> Tokenized:
     ids, mask = list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
     eot = end_of_turn_token(tokenizer)
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
-    blank = {t: not tokenizer.decode([t]).strip() for t in set(ids)}
+    blank = _blank_ids(tokenizer, ids)
     i = 0
     while i < len(ids):
         if not mask[i]:

@@ -11,20 +11,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import fsspec
 
+from posttrain.data_config import DataConfig
 from posttrain.prep.chat import TemplateError, chat_examples, fold_system_prompt
 from posttrain.prep.formats import prepare_preference, prepare_prompts
 from posttrain.prep.shards import ChatShards
-from posttrain.prep.tokenizer import TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
+from posttrain.prep.tokenizer import ModelFs, TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
 from posttrain.recipe import Recipe
 from posttrain.storage_fs import Store
 
 Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
-
 
 
 def read_jsonl(uri: str, open_binary: Opener | None = None) -> Iterator[tuple[int, dict]]:
@@ -66,6 +67,17 @@ class OverlongData(ValueError):
     pass
 
 
+def check_overlong(uri: str, stats: dict, data: DataConfig) -> None:
+    overlong = stats.get("truncated", 0) + stats["dropped_overlong"]
+    examples = stats.get("examples", stats["rows"])  # a chat row can give several examples (see chat_examples)
+    if examples and overlong / examples > data.validation.max_overlong_fraction:
+        raise OverlongData(
+            f"{uri}: {overlong} of {examples} {'rows' if examples == stats['rows'] else 'examples'} "
+            f"({overlong / examples:.1%}) are longer than "
+            f"data.max_seq_len {data.max_seq_len}, more than data.validation.max_overlong_fraction "
+            f"{data.validation.max_overlong_fraction:.1%}: raise max_seq_len or the fraction, or filter the data")
+
+
 def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
                   open_binary: Opener | None = None) -> dict:
     data = recipe.data
@@ -82,89 +94,111 @@ def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, spli
                                     fold_system=data.fold_system_prompt)
     else:
         stats = prepare_chat(tokenizer, uri, recipe, out_dir, split, open_binary)
-    overlong = stats.get("truncated", 0) + stats["dropped_overlong"]
-    examples = stats.get("examples", stats["rows"])  # a chat row can give several examples (see chat_examples)
-    if examples and overlong / examples > data.validation.max_overlong_fraction:
-        raise OverlongData(
-            f"{uri}: {overlong} of {examples} {'rows' if examples == stats['rows'] else 'examples'} "
-            f"({overlong / examples:.1%}) are longer than "
-            f"data.max_seq_len {data.max_seq_len}, more than data.validation.max_overlong_fraction "
-            f"{data.validation.max_overlong_fraction:.1%}: raise max_seq_len or the fraction, or filter the data")
+    check_overlong(uri, stats, data)
     return stats
+
+
+@dataclass
+class ChatCounts:
+    """What happened to a split's chat rows on their way to documents (the manifest's counts)."""
+    rows: int = 0
+    examples: int = 0
+    expanded: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    no_target: int = 0
+
+    def documents(self, tokenizer: Any, row: dict, data: DataConfig) -> list[tuple[list[int], list[bool]]]:
+        """The row's training documents (ids, trains mask), truncated or dropped as the recipe says."""
+        self.rows += 1
+        messages = fold_system_prompt(row["messages"]) if data.fold_system_prompt else row["messages"]
+        toks = chat_examples(tokenizer, messages, last_turn_only=data.train_on == "last_assistant_turn")
+        self.examples += len(toks)
+        self.expanded += len(toks) > 1  # a template that rewrites earlier turns: one example per reply
+        docs = []
+        for tok in toks:
+            ids, mask = tok.input_ids, tok.assistant_mask
+            if len(ids) > data.max_seq_len:
+                if data.packing.overlong == "drop":
+                    self.dropped += 1
+                    continue
+                self.truncated += 1
+                ids, mask = ids[:data.max_seq_len], mask[:data.max_seq_len]
+            if not any(mask[1:]):
+                self.no_target += 1  # truncation cut every assistant token: nothing to learn from
+                continue
+            docs.append((ids, mask))
+        return docs
+
+
+def streaming_layout(recipe: Recipe, split: str) -> bool:
+    """Training data in streaming mode stays unpacked (the trainer packs it); eval data is always
+    packed offline."""
+    return recipe.data.packing.mode == "streaming" and split == "train"
 
 
 def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
                  open_binary: Opener | None = None) -> dict:
-    max_len = recipe.data.max_seq_len
-    # Training data in streaming mode stays unpacked (the trainer packs it). Eval data is always
-    # packed offline.
-    streaming = recipe.data.packing.mode == "streaming" and split == "train"
-    shards = ChatShards(out_dir, split, documents=streaming, max_len=max_len, pad_id=block_pad_id(tokenizer),
-                        packing=recipe.data.packing.enabled)
-    rows, examples, expanded, truncated, dropped, no_target = 0, 0, 0, 0, 0, 0
+    streaming = streaming_layout(recipe, split)
+    shards = ChatShards(out_dir, split, documents=streaming, max_len=recipe.data.max_seq_len,
+                        pad_id=block_pad_id(tokenizer), packing=recipe.data.packing.enabled)
+    counts = ChatCounts()
     source = Rows(uri, open_binary)
     for row in source:
-        rows += 1
-        messages = fold_system_prompt(row["messages"]) if recipe.data.fold_system_prompt else row["messages"]
         with source.at_row():
-            toks = chat_examples(tokenizer, messages, last_turn_only=recipe.data.train_on == "last_assistant_turn")
-        examples += len(toks)
-        expanded += len(toks) > 1  # a template that rewrites earlier turns: one example per reply
-        for tok in toks:
-            ids, mask = tok.input_ids, tok.assistant_mask
-            if len(ids) > max_len:
-                if recipe.data.packing.overlong == "drop":
-                    dropped += 1
-                    continue
-                truncated += 1
-                ids, mask = ids[:max_len], mask[:max_len]
-            if not any(mask[1:]):
-                no_target += 1  # truncation cut every assistant token: nothing to learn from
-                continue
+            docs = counts.documents(tokenizer, row, recipe.data)
+        for ids, mask in docs:
             shards.add(ids, mask, row=source.lineno)  # evaluation scores each eval example by its line
     shards.close()
+    return chat_stats(counts, shards, recipe.data.max_seq_len, streaming)
+
+
+def chat_stats(counts: ChatCounts, shards: Any, max_len: int, streaming: bool) -> dict:
+    """A chat split's manifest entry; `shards` has the written shards' totals (see ChatShards)."""
     return {
-        "rows": rows,
+        "rows": counts.rows,
         # Training examples the rows gave (more than rows where the chat template rewrites earlier
         # turns, so each reply is an example of its own) and how many rows did that.
-        "examples": examples,
-        "expanded_rows": expanded,
+        "examples": counts.examples,
+        "expanded_rows": counts.expanded,
         "documents": shards.documents,
         "tokens": shards.tokens,
         "assistant_tokens": shards.assistant_tokens,
         # For the streaming layout: what offline packing would give.
         "blocks": shards.blocks,
         "fill_ratio": round(shards.tokens / (shards.blocks * max_len), 4) if shards.blocks else 0.0,
-        "truncated": truncated,
-        "dropped_overlong": dropped,
-        "dropped_no_target": no_target,
+        "truncated": counts.truncated,
+        "dropped_overlong": counts.dropped,
+        "dropped_no_target": counts.no_target,
         "layout": "documents" if streaming else "blocks",
         "shards": shards.names,
     }
 
 
-def require_teacher_tokenizer(recipe: Recipe, student_fingerprint: str) -> None:
+def require_teacher_tokenizer(recipe: Recipe, student_fingerprint: str, models: ModelFs | None = None) -> None:
     """Distillation compares the two models' distributions token by token: the teacher must
     split text into the same ids as the student."""
-    teacher = tokenizer_fingerprint(load_tokenizer(recipe.kd.teacher))
+    teacher = tokenizer_fingerprint(load_tokenizer(recipe.kd.teacher, models))
     if teacher != student_fingerprint:
         raise TokenizerMismatch(
             f"kd.teacher {recipe.kd.teacher}: its tokenizer has fingerprint {teacher}, the student's "
             f"({recipe.tokenizer_uri}) has {student_fingerprint}; distillation needs the same tokenizer")
 
 
-def prepare(recipe: Recipe, workspace: Path | str | Store, open_binary: Opener | None = None) -> dict:
-    """Tokenize, mask and pack the recipe's splits into workspace/data; return the manifest. The
-    workspace is a local folder, a URI (its filesystem configured from the environment) or a Store
-    (the Airflow task's, reached through the recipe's storage connection)."""
-    tokenizer = load_tokenizer(recipe.tokenizer_uri)
-    if recipe.kd is not None:  # refused here, before a cluster is started for it
-        require_teacher_tokenizer(recipe, tokenizer_fingerprint(tokenizer))
-    out_dir = (workspace if isinstance(workspace, Store) else Store.at(workspace)) / "data"
-    splits = {"train": recipe.data.train}
-    if recipe.data.eval:
-        splits["eval"] = recipe.data.eval
-    manifest = {
+def split_uris(recipe: Recipe) -> dict[str, str]:
+    return {"train": recipe.data.train, **({"eval": recipe.data.eval} if recipe.data.eval else {})}
+
+
+def load_checked_tokenizer(recipe: Recipe, models: ModelFs | None = None) -> Any:
+    tokenizer = load_tokenizer(recipe.tokenizer_uri, models)
+    if recipe.kd is not None:  # refused here, before a model is trained on it
+        require_teacher_tokenizer(recipe, tokenizer_fingerprint(tokenizer), models)
+    return tokenizer
+
+
+def manifest_for(recipe: Recipe, tokenizer: Any, splits: dict[str, dict]) -> dict:
+    """The manifest of prepared data: the one layout both the local and the Ray prepare write."""
+    return {
         "format": recipe.data.format,
         "max_seq_len": recipe.data.max_seq_len,
         "packing": recipe.data.packing.model_dump(),
@@ -176,8 +210,21 @@ def prepare(recipe: Recipe, workspace: Path | str | Store, open_binary: Opener |
             "eos_token_id": tokenizer.eos_token_id,
             "block_pad_id": block_pad_id(tokenizer),
         },
-        "splits": {name: prepare_split(tokenizer, uri, recipe, out_dir, name, open_binary)
-                   for name, uri in splits.items()},
+        "splits": splits,
     }
+
+
+def prepare(recipe: Recipe, workspace: Path | str | Store, open_binary: Opener | None = None,
+            models: ModelFs | None = None) -> dict:
+    """Tokenize, mask and pack the recipe's splits into workspace/data; return the manifest. The
+    workspace is a local folder, a URI (its filesystem configured from the environment) or a Store
+    (the Airflow task's, reached through the recipe's storage connection); `models` gives the
+    filesystem that reaches an s3:// tokenizer or teacher (the task's connection; default: the
+    environment's)."""
+    tokenizer = load_checked_tokenizer(recipe, models)
+    out_dir = (workspace if isinstance(workspace, Store) else Store.at(workspace)) / "data"
+    splits = {name: prepare_split(tokenizer, uri, recipe, out_dir, name, open_binary)
+              for name, uri in split_uris(recipe).items()}
+    manifest = manifest_for(recipe, tokenizer, splits)
     (out_dir / "manifest.json").write_json(manifest)
     return manifest

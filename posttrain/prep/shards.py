@@ -59,36 +59,53 @@ class ChatShards:
             self._flush()
 
     def _full(self) -> bool:
-        if self.documents_layout or not self.packing:
-            return len(self.window) >= (DOCS_PER_SHARD if self.documents_layout else BLOCKS_PER_SHARD)
-        return self.window_tokens >= BLOCKS_PER_SHARD * self.max_len
+        return window_full(len(self.window), self.window_tokens, documents=self.documents_layout,
+                           packing=self.packing, max_len=self.max_len)
 
     def _flush(self) -> None:
-        import pyarrow as pa
-
-        index = len(self.names)
-        ints, bools = pa.list_(pa.int32()), pa.list_(pa.bool_())
-        if self.documents_layout:
-            # Unpacked; the block count is what offline packing would give (the manifest reports it).
-            lengths = [len(ids) for ids, _ in self.window]
-            self.blocks += len(best_fit_decreasing(lengths, self.max_len)) if self.packing else len(lengths)
-            table = pa.table({"input_ids": pa.array([d[0] for d in self.window], type=ints),
-                              "assistant_mask": pa.array([d[1] for d in self.window], type=bools)})
-            name = f"{self.split}-docs-{index:05d}.parquet"
-        else:
-            blocks = pack(self.window, self.max_len, self.pad_id, enabled=self.packing, rows=self.rows)
-            self.blocks += len(blocks)
-            table = pa.table({
-                "input_ids": pa.array([b.input_ids for b in blocks], type=ints),
-                "labels": pa.array([b.labels for b in blocks], type=ints),
-                "position_ids": pa.array([b.position_ids for b in blocks], type=ints),
-                "doc_lens": pa.array([b.doc_lens for b in blocks], type=ints),
-                "doc_rows": pa.array([b.doc_rows for b in blocks], type=ints),
-            })
-            name = f"{self.split}-{index:05d}.parquet"
-        write_table(table, self.out_dir / name)
-        self.names.append(f"data/{name}")
+        name, blocks = write_chat_shard(self.out_dir, self.split, len(self.names), self.window, self.rows,
+                                        documents=self.documents_layout, max_len=self.max_len, pad_id=self.pad_id,
+                                        packing=self.packing)
+        self.blocks += blocks
+        self.names.append(name)
         self.window, self.rows, self.window_tokens = [], [], 0
+
+
+def window_full(documents_in_window: int, window_tokens: int, *, documents: bool, packing: bool, max_len: int) -> bool:
+    """Whether a window of chat documents makes a shard (see the module): the one rule both the
+    streamed local prepare and the Ray job's shard planning follow, so both cut the same shards."""
+    if documents or not packing:
+        return documents_in_window >= (DOCS_PER_SHARD if documents else BLOCKS_PER_SHARD)
+    return window_tokens >= BLOCKS_PER_SHARD * max_len
+
+
+def write_chat_shard(out_dir: Path | Store, split: str, index: int, window: list[tuple[list[int], list[bool]]],
+                     rows: list[int], *, documents: bool, max_len: int, pad_id: int, packing: bool) -> tuple[str, int]:
+    """Pack (or, for the streaming layout, keep) one window's documents and write shard `index`;
+    returns its name relative to the workspace and its block count (what offline packing gives)."""
+    import pyarrow as pa
+
+    ints, bools = pa.list_(pa.int32()), pa.list_(pa.bool_())
+    if documents:
+        # Unpacked; the block count is what offline packing would give (the manifest reports it).
+        lengths = [len(ids) for ids, _ in window]
+        n_blocks = len(best_fit_decreasing(lengths, max_len)) if packing else len(lengths)
+        table = pa.table({"input_ids": pa.array([d[0] for d in window], type=ints),
+                          "assistant_mask": pa.array([d[1] for d in window], type=bools)})
+        name = f"{split}-docs-{index:05d}.parquet"
+    else:
+        blocks = pack(window, max_len, pad_id, enabled=packing, rows=rows)
+        n_blocks = len(blocks)
+        table = pa.table({
+            "input_ids": pa.array([b.input_ids for b in blocks], type=ints),
+            "labels": pa.array([b.labels for b in blocks], type=ints),
+            "position_ids": pa.array([b.position_ids for b in blocks], type=ints),
+            "doc_lens": pa.array([b.doc_lens for b in blocks], type=ints),
+            "doc_rows": pa.array([b.doc_rows for b in blocks], type=ints),
+        })
+        name = f"{split}-{index:05d}.parquet"
+    write_table(table, out_dir / name)
+    return f"data/{name}", n_blocks
 
 
 class RowShards:

@@ -22,8 +22,8 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [{"integration-name": "posttrain", "python-modules": [
             "posttrain.operators.recipe", "posttrain.operators.validate", "posttrain.operators.prepare",
             "posttrain.operators.ray_cluster", "posttrain.operators.train", "posttrain.operators.evaluate",
-            "posttrain.operators.promote"]}],
+            "posttrain.operators.promote", "posttrain.operators.report"]}],
         "triggers": [{"integration-name": "Ray", "python-modules": ["posttrain.triggers.ray"]}],
         "extra-links": ["posttrain.links.RayDashboardLink", "posttrain.links.MlflowRunLink",
-                        "posttrain.links.MlflowModelVersionLink"],
+                        "posttrain.links.MlflowModelVersionLink", "posttrain.links.RunReportLink"],
     }

@@ -19,18 +19,22 @@ from pathlib import Path
 from posttrain.recipe import Recipe
 from posttrain.storage_fs import Store, fetch, job_workspace, publish
 
-STAGES = ("train", "evaluate")
+STAGES = ("prepare", "train", "evaluate")
 
 
-def load_workspace(uri: str, stage: str = "train") -> tuple[Recipe, Path]:
-    """The recipe and the job's local folder for the workspace `uri`."""
+def workspace_recipe(uri: str) -> Recipe:
     try:
         recipe_file = Store.at(uri) / "recipe.json"
     except ValueError as exc:
         raise SystemExit(f"--workspace {uri}: {exc}") from None
     if not recipe_file.exists():
         raise SystemExit(f"{recipe_file} is missing: run the DAG's resolve_recipe task first")
-    recipe, workspace = Recipe.model_validate(recipe_file.read_json()), job_workspace(uri)
+    return Recipe.model_validate(recipe_file.read_json())
+
+
+def load_workspace(uri: str, stage: str = "train") -> tuple[Recipe, Path]:
+    """The recipe and the job's local folder for the workspace `uri`."""
+    recipe, workspace = workspace_recipe(uri), job_workspace(uri)
     if stage == "evaluate":
         # vLLM and transformers load the export from a local folder: a node that did not train
         # brings it from the store into its staging folder (once; no cache shared across runs yet).
@@ -42,7 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="posttrain.training_lib.entrypoint")
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--workspace", required=True, help="the run workspace URI (file://... or s3://...)")
+    parser.add_argument("--chunk-bytes", type=int, default=None,
+                        help="prepare: bytes of JSONL per tokenize task (default: about four per CPU of the cluster)")
     args = parser.parse_args(argv)
+    if args.stage == "prepare":  # data.prepare: ray; straight from and to the workspace, no staging folder
+        from posttrain.training_lib.data import ray_prepare
+
+        result = ray_prepare.run(workspace_recipe(args.workspace), args.workspace, args.chunk_bytes)
+        print(f"posttrain prepare finished: {json.dumps(result)}", flush=True)
+        return 0
     recipe, workspace = load_workspace(args.workspace, args.stage)
     # Dispatch: a stage imports only what it runs (here, not at the top); one trainer module per
     # paradigm (trainers/sft.py, trainers/dpo.py, …), each with run().

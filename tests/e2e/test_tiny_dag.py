@@ -1,10 +1,16 @@
 """The whole DAG on the tiny model, twice: the first run trains, evaluates with vLLM and becomes
-champion; the second trains a challenger and is compared with it."""
+champion; the second, through `posttrain run` as a user starts it, trains a challenger and is
+compared with it, and what it prints is the compact live view (the rest goes to its log file)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +21,24 @@ from posttrain.uris import local_path
 from tests.conftest import run_recipe, task_states, workspace_of, write_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
+
+
+def posttrain_run(recipe_path: Path, log: Path) -> tuple[Any, str]:
+    """`posttrain run` in its own process (its stdout a pipe, as in CI), on this session's metadata
+    database: the DAG run it made and what it printed."""
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    done = subprocess.run([sys.executable, "-m", "posttrain", "run", str(recipe_path), "--log", str(log)],
+                          capture_output=True, text=True, env=os.environ.copy(), timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr == "", done.stderr
+    with create_session() as session:
+        dag_run = session.scalars(select(DagRun).where(DagRun.dag_id == load_recipe(recipe_path).dag_id)
+                                  .order_by(DagRun.id.desc())).first()
+        session.expunge(dag_run)
+    return dag_run, done.stdout
 
 
 def test_tiny_sft_end_to_end_champion_then_challenger(tmp_path: Path, tiny_model: Path) -> None:
@@ -59,9 +83,26 @@ def test_tiny_sft_end_to_end_champion_then_challenger(tmp_path: Path, tiny_model
     assert (local_path(champion["model_uri"]) / "model.safetensors").exists()
     cluster = json.loads((ws / "cluster.json").read_text())
     assert LocalRayCluster.processes(cluster) == []
+    # The run report (report.html, the report task's): every panel has data but MFU (no peak FLOP/s
+    # is known for a CPU); the first run has no champion to compare with.
+    report = (ws / "report.html").read_text()
+    assert set(re.findall(r'id="([\w-]+)" data-has-data="false"', report)) <= {"train-mfu"}, report
+    assert report.count('src="data:image/png;base64,') == 7 and "No champion yet" in report  # no interval yet
 
-    second = run_recipe(recipe_path)
+    log = tmp_path / "logs" / "second.log"
+    second, printed = posttrain_run(recipe_path, log)
     states = task_states(second)
+    lines = printed.splitlines()
+    assert len(lines) < 60, printed
+    assert lines[0].endswith(f"output goes to {log}") and lines[-1] == f"  full log: {log}"
+    assert re.search(r"^\d\d:\d\d:\d\d  train +success in ", printed, re.M), printed
+    assert re.search(r"^ +train: step 6/6  loss \d+\.\d{4}  \d+ tokens/s$", printed, re.M), printed
+    assert re.search(r"^  promotion: .*interval .* to .*, n=64\)", printed, re.M), printed
+    assert "[DAG TEST]" not in printed and "[ray job" not in printed
+    # The log holds what the view left out: Airflow's task runner, the Ray job relayed, GX.
+    text = log.read_text()
+    assert "[DAG TEST] starting task_id=train " in text and "DagRun Finished" in text
+    assert re.search(r"\[ray job \S+-train-try1\].* step 6/6 loss", text) and "great_expectations" in text
     ws2 = workspace_of(recipe_path, second)
     decision = json.loads((ws2 / "promotion" / "decision.json").read_text())
     assert decision["previous_champion"]["version"] == champion["version"]
@@ -74,3 +115,5 @@ def test_tiny_sft_end_to_end_champion_then_challenger(tmp_path: Path, tiny_model
         assert states["promote"] == "skipped" and "champion" in decision["reason"]
         assert json.loads(local_path(recipe.champion_uri).read_text()) == champion
     assert str(second.state) == "success"
+    report = (ws2 / "report.html").read_text()
+    assert states["report"] == "success" and f"champion {champion['version']}" in report

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO, write_recipe
 
-HEAVY = ("torch", "ray", "transformers", "vllm", "peft", "great_expectations", "mlflow")
+HEAVY = ("torch", "ray", "transformers", "vllm", "peft", "great_expectations", "mlflow", "matplotlib")
 
 
 def dags_folder(tmp_path: Path) -> Path:
@@ -74,6 +74,26 @@ def test_task_graph_setup_and_teardown(tmp_path: Path) -> None:
     assert dag.task_dict["train"].deferrable and dag.task_dict["evaluate"].deferrable
     [outlet] = dag.task_dict["promote"].outlets
     assert outlet.uri == f"file://{tmp_path}/storage/t-sft/champion.json"
+    # The report comes last, after whatever happened (a teardown without setups: all done, and the
+    # run's state is left to the tasks before it).
+    report = dag.task_dict["report"]
+    assert [t.task_id for t in dag.topological_sort()][-1] == "report" and report.is_teardown
+    assert report.upstream_task_ids == {"resolve_recipe", "promote", "ray_cluster_teardown"}
+    assert report.trigger_rule == "all_done_setup_success" and not report.on_failure_fail_dagrun
+
+
+def test_prepare_on_ray_runs_after_validation_on_the_runs_cluster(tmp_path: Path) -> None:
+    from posttrain.dags.factory import build_dag
+    from posttrain.operators.prepare import RayPrepareDataOperator
+    from posttrain.recipe import load_recipe
+
+    path = write_recipe(tmp_path, data={"prepare": "ray"})
+    dag = build_dag(load_recipe(path), path)
+    assert [t.task_id for t in dag.topological_sort()][:5] == ["resolve_recipe", "validate_data", "ray_cluster",
+                                                              "prepare_data", "train"]
+    prep = dag.task_dict["prepare_data"]
+    assert isinstance(prep, RayPrepareDataOperator) and prep.stage == "prepare"
+    assert "ray_cluster" in prep.upstream_task_ids and prep.deferrable
 
 
 @pytest.mark.parametrize("waiting", [{}, {"deferrable": False, "job_timeout_s": 90, "dashboard_retry_window_s": 7}])

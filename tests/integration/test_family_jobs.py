@@ -1,18 +1,21 @@
 """DPO, KD and GRPO each run once through their job (a Ray job on a local head, 2 FSDP2 workers) on
 the tiny Qwen3: a real chat template that rewrites earlier turns, `<|im_end|>` ending replies, a
 tied embedding and a vocabulary padded at load (437 → 448 rows). Few steps each: the point is that
-the family goes through every paradigm's code, not how far it learns (test_dpo/kd/grpo_job do that)."""
+the family goes through every paradigm's code, not how far it learns (test_dpo/kd/grpo_job do that).
+On the same head: the train and evaluate jobs refuse a tokenizer other than the data's."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
 from posttrain.hooks.ray import RayJobHook
-from tests.conftest import tiny_family
+from posttrain.recipe import load_recipe
+from tests.conftest import tiny_family, write_recipe
 from tests.integration.test_dpo_job import dpo_recipe
 from tests.integration.test_grpo_job import grpo_recipe
 from tests.integration.test_kd_job import kd_recipe
@@ -65,3 +68,46 @@ def test_grpo_job_on_qwen3(tmp_path: Path, qwen3: Path, ray_cluster: dict) -> No
     # vLLM, restricted to the 437 real tokens, runs exactly the policy the trainer holds after a sync.
     for r in (rows[0], rows[-1]):
         assert r["sync/max_abs_logprob_diff"] < 1e-3
+
+
+def _normalizer_changed(model: Path, to: Path) -> Path:
+    """A copy of `model` whose tokenizer differs only in its normalizer (NFKC): the same vocabulary,
+    merges, template and special tokens, yet "ﬁ" and "fi" now become the same ids."""
+    shutil.copytree(model, to)
+    spec = json.loads((to / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "NFKC"}
+    (to / "tokenizer.json").write_text(json.dumps(spec))
+    return to
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_jobs_refuse_another_tokenizer(tmp_path: Path, tiny_model: Path,
+                                                          ray_cluster: dict) -> None:
+    from posttrain.prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    recipe = load_recipe(write_recipe(tmp_path, name="tok"))
+    workspace = new_workspace(tmp_path / "ws", recipe)  # data prepared with the tiny model's tokenizer
+    other = _normalizer_changed(tiny_model, tmp_path / "other")
+    prepared, actual = tokenizer_fingerprint(load_tokenizer(str(tiny_model))), tokenizer_fingerprint(
+        load_tokenizer(str(other)))
+    assert prepared != actual
+    # The recipe now names the other tokenizer (as an edited recipe on a retried run would).
+    changed = recipe.model_copy(update={"model": recipe.model.model_copy(update={"tokenizer": str(other)})})
+    (workspace / "recipe.json").write_text(changed.model_dump_json())
+    hook = RayJobHook(address=ray_cluster["dashboard_url"], token_file=ray_cluster["token_file"])
+    status, logs = wait(hook, submit(hook, ray_cluster, workspace, "tok-train"))
+    assert status == "FAILED"
+    assert f"TokenizerMismatch: tokenizer at {other} has fingerprint {actual}, but {workspace}/data " \
+           f"was prepared with {prepared}" in logs, logs[-3000:]
+    # Refused in the driver, before any worker trained a step or wrote a checkpoint.
+    assert not (workspace / "train").exists() and not (workspace / "checkpoints").exists()
+
+    # The evaluate job, on an export whose tokenizer is the other one.
+    (workspace / "recipe.json").write_text(recipe.model_dump_json())
+    _normalizer_changed(tiny_model, workspace / "model")
+    job = hook.submit_job(f"{ray_cluster['python']} -m posttrain.training_lib.entrypoint evaluate "
+                          f"--workspace file://{workspace}", "tok-evaluate")
+    status, logs = wait(hook, job)
+    assert status == "FAILED"
+    assert f"has fingerprint {actual}, but {workspace}/data was prepared with {prepared}" in logs, logs[-3000:]
+    assert not (workspace / "eval" / "metrics.json").exists()

@@ -128,3 +128,40 @@ def test_jobs_keep_their_temp_files_in_the_repo(cluster: dict[str, Any]) -> None
                                       poll_interval=0.5))
     assert event["status"] == "SUCCEEDED"
     assert f"tmp={posttrain_home() / 'tmp'}" in event["log_tail"]
+
+
+def test_prepare_on_ray_writes_the_local_bytes(cluster: dict[str, Any], tmp_path, tiny_model) -> None:
+    """`data.prepare: ray`: the prepare job (as RayPrepareDataOperator submits it, with ranges small
+    enough that the sample data is tokenized by many Ray Data tasks) writes the manifest and shards
+    the local prepare writes, byte for byte."""
+    import filecmp
+    import json
+    import time
+
+    from posttrain.hooks.ray import TERMINAL_STATES
+    from posttrain.prep.prepare import prepare
+    from posttrain.recipe import load_recipe
+    from tests.conftest import write_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, name="ray-prep", data={"prepare": "ray"}))
+    prepare(recipe, tmp_path / "local")
+    workspace = tmp_path / "on-ray"
+    workspace.mkdir()
+    (workspace / "recipe.json").write_text(recipe.model_dump_json())
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    job = hook.submit_job(f"{cluster['python']} -m posttrain.training_lib.entrypoint prepare "
+                          f"--workspace file://{workspace} --chunk-bytes 4096", "prepare-on-ray", entrypoint_num_cpus=0)
+    deadline = time.monotonic() + 180
+    while (status := hook.get_job(job)["status"]) not in TERMINAL_STATES:
+        assert time.monotonic() < deadline, "the prepare job did not finish in 180 s"
+        time.sleep(0.5)
+    logs = hook.get_job_logs(job)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "posttrain prepare finished" in logs
+    local = sorted(p.name for p in (tmp_path / "local" / "data").iterdir())
+    assert sorted(p.name for p in (workspace / "data").iterdir()) == local
+    assert "manifest.json" in local and len(local) == 3
+    for name in local:
+        assert filecmp.cmp(tmp_path / "local" / "data" / name, workspace / "data" / name, shallow=False), name
+    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] == 400

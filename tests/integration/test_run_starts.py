@@ -50,6 +50,7 @@ def test_conf_key_outside_the_whitelist_fails_the_first_task(tmp_path: Path, cap
     states = task_states(run)
     assert states["resolve_recipe"] == "failed"
     assert all(states[t] in ("upstream_failed", "None", "skipped") for t in ("validate_data", "train", "promote"))
+    assert states["report"] == "skipped" and str(run.state) == "failed"  # no workspace to report on
     out = capfd.readouterr()
     assert "params.storage_root: cannot be overridden at run time; allowed: learning_rate" in out.out + out.err
 
@@ -94,6 +95,27 @@ def test_overrides_reach_the_workspace_and_bad_data_fails_validation(tmp_path: P
     assert failed == {"at least min_rows examples": [], "last turn is from the assistant": [1],
                       "roles are system, user, assistant": [2], "content is not empty": [2]}
     assert "FAIL" in (workspace / "validation" / "report.html").read_text()
+    # The run report is written all the same (its task does not decide the run's state), says what is
+    # missing, and the report task's "Run report" link opens it.
+    assert states["report"] == "success" and str(run.state) == "failed"
+    html = (workspace / "report.html").read_text()
+    assert '<section class="panel" id="train-loss" data-has-data="false">' in html
+    assert "No data: data/manifest.json was not written" in html
+    assert link_xcoms(run, "_link_RunReportLink") == {"report": f"file://{workspace}/report.html"}
     out = capfd.readouterr()
     assert "rule 'roles are system, user, assistant' failed (1 failing) e.g. line(s) 2" in out.out + out.err
     assert not (workspace / "cluster.json").exists()
+
+
+def link_xcoms(run, key: str) -> dict[str, str]:  # noqa: ANN001
+    """task id → the URL its extra link `key` (the link's xcom_key) stored when the task ended."""
+    from types import SimpleNamespace
+
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(select(XComModel.task_id, XComModel.value).where(
+            XComModel.dag_id == run.dag_id, XComModel.run_id == run.run_id, XComModel.key == key)).all()
+    return {task: XComModel.deserialize_value(SimpleNamespace(value=value)) for task, value in rows}

@@ -173,18 +173,28 @@ def test_checkpoint_with_a_missing_shard_is_refused(root: str, process_group: No
 
 
 def test_prepare_task_writes_to_s3_through_its_connection(s3_root: str, moto_server: str, tmp_path: Path,
-                                                          tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          tiny_model: Path, model_cache_home: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The Airflow task reaches the bucket with the recipe's storage connection alone (no endpoint
-    or credentials in its environment) and returns the manifest's URI in the workspace."""
+    or credentials in its environment) and returns the manifest's URI in the workspace; the model
+    (its tokenizer, and config.json for the plan check) is in the bucket too."""
+    from posttrain import model_cache
+    from posttrain.hooks.storage import StorageHook
     from posttrain.operators.prepare import PrepareDataOperator
+    from posttrain.planning import check_plan
 
-    recipe = load_recipe(write_recipe(tmp_path))
+    base = f"{s3_root}/models/tiny"
+    model_cache.upload(tiny_model, base)
+    recipe = load_recipe(write_recipe(tmp_path, model={"base": base}))
     workspace = f"{s3_root}/task"
     (Store.at(workspace) / "recipe.json").write_text(recipe.model_dump_json())
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key, raising=False)
+    plan = check_plan(recipe, models=lambda uri: StorageHook("aws_moto").path(uri).fs)
+    assert plan["checked"] and plan["model"]["vocab"] > 0
     out = PrepareDataOperator(task_id="prepare_data", workspace=workspace, storage_conn_id="aws_moto").execute({})
     assert out["manifest"] == f"{workspace}/data/manifest.json"
+    assert [p.name for p in model_cache.cache_root().iterdir() if (p / model_cache.ENTRY).exists()]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
@@ -221,3 +231,127 @@ def test_run_summary_reads_an_s3_workspace(s3_root: str, tmp_path: Path) -> None
     (workspace / "eval" / "metrics.json").write_json({"eval_loss": 1.5})
     text = run_summary(recipe, "manual__1", {"train": "success"}, "success")
     assert f"workspace {workspace.uri}" in text and "loss 2.5000 → 1.2500" in text and "eval_loss 1.5000" in text
+
+
+# The per-node model cache (posttrain/model_cache.py): s3:// models as transformers and vLLM load them.
+
+
+@pytest.fixture
+def model_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own node: POSTTRAIN_HOME (and so the cache) under tmp_path."""
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "node"))
+    monkeypatch.delenv("POSTTRAIN_MODEL_CACHE_GIB", raising=False)
+    return tmp_path / "node"
+
+
+@pytest.fixture
+def object_gets(s3_root: str) -> Iterator[list[str]]:
+    """The URL paths ('/key' or '/bucket/key') of every GetObject the environment's s3fs filesystem sends during
+    the test (botocore's events; the filesystem is cached, so the model cache uses this one too)."""
+    gets: list[str] = []
+
+    def count(params: dict, **_: object) -> None:
+        gets.append(params["url_path"])
+
+    fs = Store.at(s3_root).fs
+    fs.connect()
+    fs.s3.meta.events.register("before-call.s3.GetObject", count)
+    yield gets
+    fs.s3.meta.events.unregister("before-call.s3.GetObject", count)
+
+
+def _fetch_in_subprocess(*uris: str, bound_gib: float | None = None) -> list[str]:
+    """model_cache.model_dir in a process of its own (its hold on the entries ends when it exits)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **({"POSTTRAIN_MODEL_CACHE_GIB": str(bound_gib)} if bound_gib else {})}
+    code = "import sys; from posttrain import model_cache; [print(model_cache.model_dir(u)) for u in sys.argv[1:]]"
+    out = subprocess.run([sys.executable, "-c", code, *uris], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_model_cache_hits_refetches_a_changed_model_and_serves_transformers(
+        s3_root: str, tiny_model: Path, model_cache_home: Path, object_gets: list[str]) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from posttrain import model_cache, uris
+
+    uri = f"{s3_root}/models/tiny"
+    files = model_cache.upload(tiny_model, uri)
+    assert "config.json" in files and (Store.at(uri) / COMMIT).exists()
+    gets = object_gets
+    first = uris.model_dir(uri)
+    assert first.is_relative_to(model_cache_home / "cache" / "models")
+    key = uri.removeprefix("s3://").split("/", 1)[1]
+    assert sorted(g.rsplit(key, 1)[-1] for g in gets) == sorted(f"/{n}" for n in [COMMIT, *files])
+    assert {p.name for p in first.iterdir()} >= set(files)
+    gets.clear()
+    assert uris.model_dir(uri) == first and gets == []  # the second fetch: one listing, no object read
+    assert AutoConfig.from_pretrained(uris.model_location(uri)).vocab_size > 0
+    assert len(AutoTokenizer.from_pretrained(uris.model_location(uri))) > 0 and gets == []
+    # A new version (the commit marker is rewritten): a new entry with the new bytes.
+    changed = tiny_model.parent / f"{tiny_model.name}-changed"
+    shutil.copytree(tiny_model, changed, dirs_exist_ok=True)
+    (changed / "generation_config.json").write_text('{"max_new_tokens": 3}')
+    model_cache.upload(changed, uri)
+    second = uris.model_dir(uri)
+    assert second != first and (second / "generation_config.json").read_text() == '{"max_new_tokens": 3}'
+    assert not list((model_cache_home / "cache" / "models").glob(".fetching-*"))
+    # The plan check reads config.json alone.
+    assert (uris.model_file(uri, "config.json") or Path()).read_text() == (changed / "config.json").read_text()
+    assert uris.model_file(f"{s3_root}/models/none", "config.json") is None
+
+
+def test_model_cache_takes_an_upload_without_commit_keyed_by_its_listing(s3_root: str, model_cache_home: Path) -> None:
+    from posttrain import model_cache
+
+    folder = Store.at(f"{s3_root}/models/user")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "sub" / "weights.bin").write_bytes(b"w" * 1000)
+    (Store.at(f"{folder.uri}2") / "other.bin").write_bytes(b"o")  # a sibling whose name extends this one
+    entry = model_cache.model_dir(folder.uri)
+    assert (entry / "sub" / "weights.bin").read_bytes() == b"w" * 1000 and not (entry / COMMIT).exists()
+    assert sorted(p.name for p in entry.iterdir()) == [model_cache.ENTRY, "config.json", "sub"]
+    assert model_cache.model_dir(folder.uri) == entry
+    (folder / "sub" / "weights.bin").write_bytes(b"v" * 1000)  # same size, new ETag
+    again = model_cache.model_dir(folder.uri)
+    assert again != entry and (again / "sub" / "weights.bin").read_bytes() == b"v" * 1000
+    with pytest.raises(FileNotFoundError, match="models/missing: no model here"):
+        model_cache.model_dir(f"{s3_root}/models/missing")
+
+
+def test_model_cache_evicts_the_least_recently_used_past_its_bound(s3_root: str, model_cache_home: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from posttrain import model_cache
+
+    uris_ = []
+    for name in "abc":
+        local = model_cache_home.parent / "src" / name
+        local.mkdir(parents=True)
+        (local / "weights.bin").write_bytes(name.encode() * 400_000)
+        uris_.append(f"{s3_root}/models/{name}")
+        model_cache.upload(local, uris_[-1])
+    a, b, c = uris_
+    # Two processes fetch the same model at once: one entry, no partial download left.
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: _fetch_in_subprocess(a), range(2)))
+    assert paths[0] == paths[1] and Path(paths[0][0]).is_dir()
+    root = model_cache.cache_root()
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [Path(paths[0][0]).name]
+    # A bound of about two models: fetching b then c (in a process that ends) evicts a, the oldest.
+    bound = 2.5 * 400_000 / 2**30
+    entry_b, entry_c = map(Path, _fetch_in_subprocess(b, c, bound_gib=bound))
+    assert not Path(paths[0][0]).exists() and entry_b.is_dir() and entry_c.is_dir()
+    # An entry a live process holds is never evicted, whatever the bound.
+    monkeypatch.setenv("POSTTRAIN_MODEL_CACHE_GIB", str(bound))
+    held = model_cache.model_dir(b)  # this process now holds b; make it the least recently used
+    os.utime(held / model_cache.ENTRY, (1, 1))
+    entry_a = Path(_fetch_in_subprocess(a, bound_gib=bound)[0])
+    assert held.is_dir() and entry_a.is_dir() and not entry_c.exists()
+    monkeypatch.setenv("POSTTRAIN_MODEL_CACHE_GIB", "0")
+    with pytest.raises(ValueError, match="POSTTRAIN_MODEL_CACHE_GIB='0': the cache bound must be positive"):
+        model_cache.model_dir(a)

@@ -3,9 +3,10 @@ prepared data, the checkpoints and the outputs live in the bucket. A run stopped
 submitted again, after its node-local staging folder was wiped, resumes from the newest complete
 checkpoint in the bucket and ends exactly where an uninterrupted run ends: same loss at every step,
 same final weights, bit for bit; the evaluate job of another node fetches the export from the
-bucket. The jobs reach the bucket with the storage connection's
-credentials, which the head got in its environment: they are in no job's details or logs, and
-nowhere in the workspace."""
+bucket. The base model is in the bucket too (model.base s3://...): every job loads it through the
+node's model cache (posttrain/model_cache.py), downloaded once for the node. The jobs reach the
+bucket with the storage connection's credentials, which the head got in its environment: they are
+in no job's details or logs, and nowhere in the workspace."""
 
 from __future__ import annotations
 
@@ -78,10 +79,14 @@ def losses(store: Store) -> dict[int, float]:
 
 
 def test_killed_run_resumes_exactly_from_s3(tmp_path: Path, tiny_model: Path, s3_cluster: dict) -> None:
+    from posttrain import model_cache
+
     steps, root = 20, f"s3://{s3_cluster['bucket']}/resume"
+    base = f"s3://{s3_cluster['bucket']}/models/tiny"
+    model_cache.upload(tiny_model, base)
     recipe = load_recipe(write_recipe(
         tmp_path, name="resume-s3", data={"packing": {"mode": "streaming", "buffer_docs": 64}},
-        storage={"root": root},
+        storage={"root": root}, model={"base": base},
         training={"max_steps": steps, "checkpoint_every": 5, "keep_checkpoints": 2, "learning_rate": 1e-3}))
     straight, interrupted = new_workspace(f"{root}/straight", recipe), new_workspace(f"{root}/interrupted", recipe)
     hook = RayJobHook(address=s3_cluster["dashboard_url"], token_file=s3_cluster["token_file"])
@@ -110,6 +115,10 @@ def test_killed_run_resumes_exactly_from_s3(tmp_path: Path, tiny_model: Path, s3
     assert status == "SUCCEEDED", logs[-3000:]
     assert f"resumed from {latest.uri} at step {resumed_at}" in logs
 
+    # The base came from the bucket through this node's cache (the jobs have no other way to it).
+    entry = model_cache.model_dir(base)
+    assert entry.parent == model_cache.cache_root()
+    assert (entry / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
     assert losses(interrupted) == losses(straight)
     assert sorted(losses(straight)) == list(range(1, steps + 1))
     a, b = (load_safetensors((s / "model" / "model.safetensors").read_bytes()) for s in (straight, interrupted))

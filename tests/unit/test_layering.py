@@ -24,12 +24,14 @@ PACKAGE = Path(__file__).resolve().parents[2] / "posttrain"
 MAX_LINES = 400
 
 # Torch-free, airflow-free modules both sides use.
-SHARED = ("posttrain.recipe", "posttrain.paradigm_config", "posttrain.ec2_config", "posttrain.config_base",
+SHARED = ("posttrain.recipe", "posttrain.data_config", "posttrain.paradigm_config", "posttrain.ec2_config",
+          "posttrain.config_base",
           "posttrain.recipe_yaml", "posttrain.planning", "posttrain.prep", "posttrain.rewards", "posttrain.uris",
           "posttrain.overrides", "posttrain.eval_metrics", "posttrain.instance_types", "posttrain.paths",
-          "posttrain.samples")
+          "posttrain.samples", "posttrain.report")
 AIRFLOW_SIDE = ("posttrain.operators", "posttrain.hooks", "posttrain.triggers", "posttrain.dags",
                 "posttrain.provider", "posttrain.links", "posttrain.gc", "posttrain.summary", "posttrain.cli",
+                "posttrain.live_view",
                 "posttrain.validation")
 GPU_STACK = ("torch", "ray", "vllm", "transformers", "peft", "accelerate", "safetensors")
 

@@ -50,3 +50,88 @@ def test_a_different_tokenizer_is_refused(tiny_model: Path, tokenizer, tmp_path:
     changed.save_pretrained(other)
     with pytest.raises(TokenizerMismatch, match="was prepared with"):
         require_same_tokenizer(str(other), tmp_path)
+
+
+def _swap_first_merges(t: dict) -> None:
+    t["model"]["merges"][:2] = t["model"]["merges"][1::-1]  # same merges, another rank order
+
+
+def _swap_two_ids(t: dict) -> None:
+    vocab = t["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+
+
+def _post_processor_adds_bos(t: dict) -> None:
+    t["post_processor"]["single"].insert(0, {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}})
+    t["post_processor"]["special_tokens"] = {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0],
+                                                              "tokens": ["<|endoftext|>"]}}
+
+
+def _added_token(t: dict) -> None:
+    t["added_tokens"].append({"id": len(t["model"]["vocab"]), "content": "<|tool|>", "single_word": False,
+                              "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+
+
+def _set(key: str, value: object):  # noqa: ANN202
+    return lambda t: t.__setitem__(key, value)
+
+
+def _flag(name: str):  # noqa: ANN202
+    # On <|im_start|>: eos and pad are marked special again at load whatever the file says.
+    return lambda t: t["added_tokens"][1].__setitem__(name, not t["added_tokens"][1][name])
+
+
+TOKENIZER_JSON_CHANGES = {
+    "a merge's rank": _swap_first_merges,
+    "two ids": _swap_two_ids,
+    "the normalizer": _set("normalizer", {"type": "NFKC"}),
+    "the pre-tokenizer": _set("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": True,
+                                                "trim_offsets": True, "use_regex": True}),
+    "the post-processor": _post_processor_adds_bos,
+    "the decoder": _set("decoder", {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                    "use_regex": True}),
+    "an added token": _added_token,
+    "an added token's lstrip": _flag("lstrip"),
+    "an added token's rstrip": _flag("rstrip"),
+    "an added token's normalized": _flag("normalized"),
+    "an added token's special": _flag("special"),
+}
+
+
+def _tokenizer_copy(tiny_model: Path, folder: Path, change_json=None, change_config=None,  # noqa: ANN001
+                    change_template=None):  # noqa: ANN001, ANN202
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).write_bytes((tiny_model / name).read_bytes())
+    for name, change in (("tokenizer.json", change_json), ("tokenizer_config.json", change_config)):
+        if change:
+            data = json.loads((folder / name).read_text())
+            change(data)
+            (folder / name).write_text(json.dumps(data))
+    if change_template:
+        (folder / "chat_template.jinja").write_text(change_template((folder / "chat_template.jinja").read_text()))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_the_fingerprint_covers_the_whole_tokenizer(tiny_model: Path, tmp_path: Path) -> None:
+    base = tokenizer_fingerprint(_tokenizer_copy(tiny_model, tmp_path / "same"))
+    again = _tokenizer_copy(tiny_model, tmp_path / "again")
+    assert tokenizer_fingerprint(again) == base  # loaded twice: the same
+    again.backend_tokenizer.enable_truncation(16)
+    again.backend_tokenizer.enable_padding(length=32)
+    assert tokenizer_fingerprint(again) == base  # per-call truncation/padding state does not count
+
+    changed = {what: _tokenizer_copy(tiny_model, tmp_path / f"json-{i}", change_json=change)
+               for i, (what, change) in enumerate(TOKENIZER_JSON_CHANGES.items())}
+    changed["the chat template"] = _tokenizer_copy(
+        tiny_model, tmp_path / "template", change_template=lambda s: s.replace("<|im_end|>\n", "<|im_end|>\n\n"))
+    changed["the eos token"] = _tokenizer_copy(
+        tiny_model, tmp_path / "eos", change_config=lambda c: c.__setitem__("eos_token", "<|endoftext|>"))
+    changed["the pad token"] = _tokenizer_copy(
+        tiny_model, tmp_path / "pad", change_config=lambda c: c.__setitem__("pad_token", "<|im_start|>"))
+    prints = {what: tokenizer_fingerprint(t) for what, t in changed.items()}
+    assert [what for what, fp in prints.items() if fp == base] == []
+    assert len(set(prints.values())) == len(prints)  # and no two changes collide

@@ -67,6 +67,7 @@ def test_example_recipe_is_valid_and_resolves_relative_paths() -> None:
     ({"name": "Has Spaces"}, "name", "should match pattern"),
     ({"storage": {"root": "gs://bucket"}}, "storage.root", "not supported"),
     ({"model": {"base": "m", "components": {"head": "not a path"}}}, "model.components.head", "import path"),
+    ({"promotion": {"approval": "required"}}, "promotion.approval", "not available yet"),
 ])
 def test_schema_errors_name_the_field(tmp_path: Path, sections: dict, field: str, message: str) -> None:
     path = write_recipe(tmp_path, **sections)

@@ -12,21 +12,12 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from posttrain.recipe import Recipe
 from posttrain.training_lib.models.attention import register
-from posttrain.uris import local_path, model_location
-
-
-def model_dir(uri: str) -> Path:
-    """The local folder with the model's safetensors (hf:// names resolve through the HF cache,
-    which holds the files in production images; nothing is fetched when HF_HUB_OFFLINE is set)."""
-    if uri.startswith("hf://"):
-        return Path(snapshot_download(uri.removeprefix("hf://"), allow_patterns=["*.json", "*.safetensors"]))
-    return local_path(uri)
+from posttrain.uris import model_dir, model_location  # noqa: F401 (model_dir: re-exported)
 
 
 def pad_vocab(model: torch.nn.Module, multiple: int) -> None:

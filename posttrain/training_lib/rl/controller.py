@@ -86,7 +86,8 @@ def start_roles(recipe: Recipe, workspace: Path, tokenizer: Any) -> Roles:
     plan = infos[0]["plan"]
     base_dir = str(model_dir(recipe.model.base))
     engine = ray.remote(num_cpus=1, num_gpus=1 if c.gpus_per_worker else 0)(RolloutEngine)
-    engines = [engine.remote(base_dir, plan["param_dtype"], recipe.data.max_seq_len + g.max_new_tokens,
+    # The URI, not this node's folder: an engine on another node resolves it there (s3://: its cache).
+    engines = [engine.remote(recipe.model.base, plan["param_dtype"], recipe.data.max_seq_len + g.max_new_tokens,
                              len(tokenizer), stop_token_ids(tokenizer), recipe.training.seed)
                for _ in range(g.rollout_workers)]
     rewarder = ray.remote(num_cpus=0)(RewardWorker).remote([r.model_dump() for r in g.rewards])

@@ -24,6 +24,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from posttrain import uris
 from posttrain.training_lib.models.sharded_load import safetensors_index
 from posttrain.training_lib.models.vllm_engine import make_engine, sampling_params, scoring_params
 
@@ -34,6 +35,7 @@ class RolloutEngine:
 
     def __init__(self, model_dir: str, dtype: str, max_model_len: int, vocab: int, stop_ids: list[int],
                  seed: int = 0):
+        model_dir = str(uris.model_dir(model_dir))  # a model URI: s3:// through this node's cache
         self.llm = make_engine(model_dir, max_model_len, dtype=dtype, seed=seed, max_num_seqs=64)
         # Each sync reloads every layer, and vLLM warns for each rotary embedding that it has no
         # weights to reload (it has none: its frequencies are computed): a line per layer per step.

@@ -1,0 +1,82 @@
+"""The Ray prepare's planning, without Ray: byte ranges that start at lines, and shards cut, packed
+and written from tokenized ranges exactly as the local prepare streams them (same bytes), with many
+ranges and many shards. The Ray job itself: tests/integration/test_ray_jobs.py."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from posttrain.prep import shards
+from posttrain.prep.chat import TemplateError
+from posttrain.prep.prepare import prepare
+from posttrain.prep.tokenizer import load_tokenizer
+from posttrain.recipe import load_recipe
+from posttrain.storage_fs import Store
+from posttrain.training_lib.data import ray_prepare
+from tests.conftest import write_recipe
+
+
+def test_ranges_start_at_lines_and_cover_the_file(tmp_path: Path) -> None:
+    lines = [b'{"n": %d}' % i + b" " * (i % 7) for i in range(300)] + [b"", b'{"last": 1}']
+    source = tmp_path / "rows.jsonl"
+    source.write_bytes(b"\n".join(lines))  # no final newline
+    raw = source.read_bytes()
+    chunks = ray_prepare.plan_chunks(str(source), 97)
+    assert [c["index"] for c in chunks] == list(range(len(chunks))) and len(chunks) > 20
+    assert chunks[0]["start"] == 0 and chunks[-1]["end"] == len(raw)
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert a["end"] == b["start"] and raw[b["start"] - 1:b["start"]] == b"\n"
+    # A range larger than the file: one range.
+    assert ray_prepare.plan_chunks(str(source), 1 << 20) == [{"index": 0, "uri": str(source), "start": 0,
+                                                               "end": len(raw)}]
+
+
+def ray_free(recipe, tokenizer, uri: str, out: Path, split: str, chunk_bytes: int) -> dict:
+    """prepare_chat_split's steps, each as the Ray task would run it, in this process."""
+    tables = [ray_prepare.tokenize_batch(pa.Table.from_pylist([chunk]), recipe.tokenizer_uri,
+                                         recipe.data.model_dump())
+              for chunk in ray_prepare.plan_chunks(uri, chunk_bytes)]
+    return ray_prepare.write_chat_split(tokenizer, uri, recipe, Store.at(out) / "data", split, tables,
+                                        [ray_prepare.summary(t) for t in tables], write=ray_prepare.write_window,
+                                        gather=list)
+
+
+@pytest.mark.parametrize("mode", ["offline", "streaming"])
+def test_many_ranges_and_shards_give_the_local_bytes(tmp_path: Path, tiny_model: Path, mode: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shards, "BLOCKS_PER_SHARD", 8)
+    monkeypatch.setattr(shards, "DOCS_PER_SHARD", 32)
+    recipe = load_recipe(write_recipe(tmp_path, data={"packing": {"mode": mode}}))
+    manifest = prepare(recipe, tmp_path / "local")
+    tokenizer = load_tokenizer(recipe.tokenizer_uri)
+    for split, uri in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        stats = ray_free(recipe, tokenizer, uri, tmp_path / "ray", split, chunk_bytes=3000)
+        assert json.dumps(stats) == json.dumps(manifest["splits"][split])
+        assert len(stats["shards"]) > 2
+        for name in stats["shards"]:
+            assert filecmp.cmp(tmp_path / "local" / name, tmp_path / "ray" / name, shallow=False), name
+
+
+def test_a_refused_row_is_named_by_its_line_in_the_file(tmp_path: Path, tokenizer,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from posttrain.prep.prepare import prepare_chat
+    from tests.unit.test_chat_masks import _family, tokenizer_for
+
+    plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    rows = [json.dumps(plain)] * 40
+    rows[33] = json.dumps({"messages": [{"role": "system", "content": "s"}, *plain["messages"]]})
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    recipe = load_recipe(write_recipe(tmp_path, data={"train": str(data), "eval": str(data)}))
+    gemma2 = tokenizer_for(tokenizer, _family("gemma2"))  # refuses a system turn
+    monkeypatch.setitem(ray_prepare._TOKENIZERS, recipe.tokenizer_uri, gemma2)  # what each worker loads
+    with pytest.raises(TemplateError) as local:
+        prepare_chat(gemma2, str(data), recipe, tmp_path / "local", "train")
+    with pytest.raises(TemplateError) as on_ray:
+        ray_free(recipe, gemma2, str(data), tmp_path / "ray", "train", chunk_bytes=500)
+    assert f"{data} line 34: " in str(on_ray.value) and str(on_ray.value) == str(local.value)

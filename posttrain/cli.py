@@ -91,6 +91,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe_path = Path(args.recipe).resolve()
     recipe = load_recipe(recipe_path)
+    if recipe.promotion.approval == "required":
+        # dag.test() never answers a human-in-the-loop task and has no timeout sweep: it would wait for ever.
+        print(f"{recipe_path}: promotion.approval is 'required': the approval task is answered in a deployed "
+              "Airflow (the UI's Required Actions, or the REST API's hitlDetails endpoint), which `posttrain run` "
+              "is not; trigger the DAG there, or set promotion.approval: none to run it here", file=sys.stderr)
+        return 2
     home = Path(os.environ.get("AIRFLOW_HOME") or posttrain_home() / "airflow").resolve()
     dags_folder = home / "dags"
     dags_folder.mkdir(parents=True, exist_ok=True)

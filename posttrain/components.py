@@ -21,11 +21,11 @@ class is an ``nn.Module`` is read from its MRO by name, so this module never imp
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from typing import Any
 
+from posttrain.import_path import import_object
 from posttrain.rewards import user_code_enabled
 
 # name → what the component does to the model
@@ -45,17 +45,7 @@ def resolve_component(name: str, path: str) -> type:
     if not _PATH.fullmatch(path):
         raise ValueError(f"{path!r} is not an import path of the form 'package.module:Name'")
     module_name, _, attr_path = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = f"module {exc.name!r} not found" if exc.name else str(exc)
-        raise ValueError(f"{path!r}: cannot import {module_name!r}: {missing}") from exc
-    except Exception as exc:  # the user's module failed while importing: say how
-        raise ValueError(f"{path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from exc
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{path!r}: {module_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
+    obj = import_object(module_name, attr_path, repr(path))
     if not _is_module_class(obj):
         raise ValueError(f"{path!r} is {obj!r}, not a torch.nn.Module class; a {name} is a module class built "
                          "as Name(config)")

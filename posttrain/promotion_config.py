@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from posttrain.config_base import Strict
 
@@ -29,12 +29,3 @@ class PromotionConfig(Strict):
     approval_timeout: int = Field(DEFAULT_APPROVAL_TIMEOUT_S, ge=1, le=30 * 24 * 3600,
                                   description="Seconds the approval task waits for an answer; then the model is "
                                   "not promoted")
-
-    @field_validator("approval")
-    @classmethod
-    def _gate_not_wired_yet(cls, value: str) -> str:
-        # The gate's task is not in the DAG yet: accepting `required` would promote unreviewed models.
-        if value == "required":
-            raise ValueError("approval: required is not available yet (the approval task is not wired into the "
-                             "DAG); allowed now: 'none'")
-        return value

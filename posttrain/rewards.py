@@ -15,7 +15,6 @@ imports no torch.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import re
@@ -28,6 +27,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from posttrain.config_base import NonBlank, Strict
+from posttrain.import_path import import_object
 
 RewardFn = Callable[..., float]
 TOTAL = "total"
@@ -126,18 +126,7 @@ def resolve_reward(name_or_path: str) -> RewardFn:
     module_name, _, attr_path = name_or_path.partition(":")
     if not module_name or not attr_path:
         raise ValueError(f"reward {name_or_path!r}: an import path is 'package.module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = f"module {exc.name!r} not found" if exc.name else str(exc)
-        raise ValueError(f"reward {name_or_path!r}: cannot import {module_name!r}: {missing}") from exc
-    except Exception as exc:  # the user's module failed while importing: say how
-        raise ValueError(f"reward {name_or_path!r}: importing {module_name!r} raised "
-                         f"{type(exc).__name__}: {exc}") from exc
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"reward {name_or_path!r}: {module_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
+    obj = import_object(module_name, attr_path, f"reward {name_or_path!r}")
     if not callable(obj):
         raise ValueError(f"reward {name_or_path!r}: {attr_path!r} is a {type(obj).__name__}, not a function")
     return obj

@@ -15,6 +15,7 @@ from typing import Any
 from airflow.sdk import DAG, Asset
 
 from posttrain.dags.params import recipe_params
+from posttrain.operators.approval import PromotionApprovalOperator
 from posttrain.operators.evaluate import EvaluateOperator
 from posttrain.operators.prepare import PrepareDataOperator, RayPrepareDataOperator
 from posttrain.operators.promote import PromoteOperator
@@ -72,7 +73,13 @@ def build_dag(recipe: Recipe, recipe_path: str | Path) -> DAG:
                                               storage_conn_id=conn)
         # Validation comes before any cluster is provisioned, either way.
         before_train = [validate, cluster, prepare] if recipe.data.prepare == "ray" else [validate, prepare, cluster]
-        reduce(operator.rshift, before_train) >> train >> evaluate >> [promote, teardown]
+        if recipe.promotion.approval == "required":  # a person approves first; the cluster goes meanwhile
+            gate = PromotionApprovalOperator(task_id="approve_promotion", workspace=ws, storage_conn_id=conn,
+                                             approval_timeout_s=recipe.promotion.approval_timeout)
+            reduce(operator.rshift, before_train) >> train >> evaluate >> [gate, teardown]
+            gate >> promote
+        else:
+            reduce(operator.rshift, before_train) >> train >> evaluate >> [promote, teardown]
         # A teardown that fails (a head left running) fails the run, so nobody misses a leak.
         teardown.as_teardown(setups=cluster, on_failure_fail_dagrun=True)
         # The run report, last, whatever happened: a teardown without setups runs once everything before

@@ -92,6 +92,8 @@ class PromoteOperator(ModelRegistryMixin):
         if decision["promoted"]:  # after the pointer moved, the registry and the Asset event follow it
             decision["registry"] = self.register_promotion(context, recipe, decision)
             self.publish_lineage(context, decision)
+        if (approval := self._read("promotion/approval.json")) is not None:  # who approved (approval gate)
+            decision["approval"] = approval
         reason = decision["reason"]
         self.storage.write_json_atomic(f"{self.workspace}/promotion/decision.json", decision)
         self.log.info("promotion: %s", reason)

@@ -43,6 +43,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 EXISTING_RAY_CONN = "ray_existing"
 SFT_DAG = "posttrain__tiny-sft"
 RAY_DAG = "posttrain__tiny-sft-ray"
+# tiny-sft on the existing cluster with `promotion.approval: required` (tests/deployment/test_approval.py).
+APPROVAL_DAG = "posttrain__tiny-sft-approval"
+APPROVAL_TIMEOUT_S = 40
 # A dashboard in front of the existing cluster's that can be made to fail (tests/deployment/flaky_proxy.py).
 FLAKY_RAY_CONN = "ray_flaky"
 JOB_TIMEOUT_S = 60
@@ -61,6 +64,23 @@ RAY_VARIANTS = {
 }
 TERMINAL_RUN_STATES = ("success", "failed")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (nothing downloaded); closed on exit."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make system-deps` installs it (apt-get install chromium)",
+                    pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -251,6 +271,11 @@ class Deployment:
                   "compute": {"provider": "ray", "ray_conn_id": EXISTING_RAY_CONN, "workers": 1},
                   "training": {**data["training"], "max_steps": 100000, "checkpoint_every": 100000}}
         (recipes / "tiny-sft-ray.yaml").write_text(yaml.safe_dump(on_ray, sort_keys=False))
+        # The approval gate's DAG: short training on the existing cluster (no head to start per run).
+        approval = {**data, "name": APPROVAL_DAG.removeprefix("posttrain__"), "compute": on_ray["compute"],
+                    "promotion": {**data.get("promotion", {}), "approval": "required",
+                                  "approval_timeout": APPROVAL_TIMEOUT_S}}
+        (recipes / f"{approval['name']}.yaml").write_text(yaml.safe_dump(approval, sort_keys=False))
         # Variants for the rows of the "nothing left running" matrix: how the tasks wait (the
         # recipe's `airflow` section) and which dashboard they talk to.
         variants = dict(RAY_VARIANTS)

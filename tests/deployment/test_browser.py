@@ -13,7 +13,7 @@ from urllib.parse import quote, urlparse
 import pytest
 
 from posttrain.overrides import OVERRIDES, override_schema
-from tests.deployment.conftest import CHROMIUM, SCREENSHOTS, SFT_DAG, Deployment
+from tests.deployment.conftest import SCREENSHOTS, SFT_DAG, Deployment, chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -22,18 +22,8 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make system-deps` installs it (apt-get install chromium)",
-                    pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

@@ -82,6 +82,33 @@ def test_task_graph_setup_and_teardown(tmp_path: Path) -> None:
     assert report.trigger_rule == "all_done_setup_success" and not report.on_failure_fail_dagrun
 
 
+def test_the_approval_gate_sits_between_evaluate_and_promote_only_when_required(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    from posttrain.dags.factory import build_dag
+    from posttrain.recipe import load_recipe
+
+    plain = write_recipe(tmp_path / "plain")
+    dag = build_dag(load_recipe(plain), plain)
+    assert "approve_promotion" not in dag.task_dict
+    # (resolve_recipe is upstream of every task: its output is their workspace)
+    assert dag.task_dict["promote"].upstream_task_ids - {"resolve_recipe"} == {"evaluate"}
+
+    gated = write_recipe(tmp_path / "gated", promotion={"approval": "required", "approval_timeout": 45})
+    dag = build_dag(load_recipe(gated), gated)
+    gate = dag.task_dict["approve_promotion"]
+    assert isinstance(gate, ApprovalOperator)
+    assert gate.upstream_task_ids - {"resolve_recipe"} == {"evaluate"}
+    assert dag.task_dict["promote"].upstream_task_ids - {"resolve_recipe"} == {gate.task_id}
+    # The cluster is not held while a person reads: the teardown follows evaluate, not the gate.
+    assert "approve_promotion" not in dag.task_dict["ray_cluster_teardown"].upstream_task_ids
+    # No answer in time takes Reject; the reviewer can give a reason.
+    assert gate.response_timeout == timedelta(seconds=45) and gate.defaults == ["Reject"]
+    assert set(gate.params) == {"reason"}
+
+
 def test_prepare_on_ray_runs_after_validation_on_the_runs_cluster(tmp_path: Path) -> None:
     from posttrain.dags.factory import build_dag
     from posttrain.operators.prepare import RayPrepareDataOperator

@@ -15,7 +15,7 @@ import pytest
 from posttrain.report.build import write_report
 from posttrain.storage_fs import Store
 from tests.conftest import TEST_HOME
-from tests.deployment.conftest import CHROMIUM
+from tests.deployment.conftest import chromium
 from tests.report_workspace import TASKS, write_workspace
 from tests.unit.test_report import COMMON, PARADIGM_PANELS
 
@@ -25,18 +25,8 @@ SCREENSHOT = TEST_HOME / "screenshots" / "run-report.png"
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Debian's Chromium, launched as tests/deployment/test_browser.py launches it."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make system-deps` installs it (apt-get install chromium)",
-                    pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium() as browser:
+        yield browser
 
 
 def test_report_of_an_s3_workspace_through_the_connection(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,8 @@ SHARED = ("posttrain.recipe", "posttrain.data_config", "posttrain.paradigm_confi
           "posttrain.config_base",
           "posttrain.recipe_yaml", "posttrain.planning", "posttrain.prep", "posttrain.rewards", "posttrain.uris",
           "posttrain.overrides", "posttrain.eval_metrics", "posttrain.instance_types", "posttrain.paths",
-          "posttrain.samples", "posttrain.report")
+          "posttrain.samples", "posttrain.report", "posttrain.import_path", "posttrain.components",
+          "posttrain.model_cache", "posttrain.promotion_config", "posttrain.promotion_decision")
 AIRFLOW_SIDE = ("posttrain.operators", "posttrain.hooks", "posttrain.triggers", "posttrain.dags",
                 "posttrain.provider", "posttrain.links", "posttrain.gc", "posttrain.summary", "posttrain.cli",
                 "posttrain.live_view",

@@ -67,7 +67,8 @@ def test_example_recipe_is_valid_and_resolves_relative_paths() -> None:
     ({"name": "Has Spaces"}, "name", "should match pattern"),
     ({"storage": {"root": "gs://bucket"}}, "storage.root", "not supported"),
     ({"model": {"base": "m", "components": {"head": "not a path"}}}, "model.components.head", "import path"),
-    ({"promotion": {"approval": "required"}}, "promotion.approval", "not available yet"),
+    ({"promotion": {"approval": "maybe"}}, "promotion.approval", "'none' or 'required'"),
+    ({"promotion": {"approval_timeout": 0}}, "promotion.approval_timeout", "greater than or equal to 1"),
 ])
 def test_schema_errors_name_the_field(tmp_path: Path, sections: dict, field: str, message: str) -> None:
     path = write_recipe(tmp_path, **sections)

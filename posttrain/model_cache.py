@@ -3,7 +3,8 @@ at s3://...): transformers and vLLM load from a local folder, so each node downl
 and every stage on that node (train, evaluate, rollouts, the KD teacher) reuses the copy.
 
 Where: `<POSTTRAIN_HOME>/cache/models/` (`cache_root()`), one folder per entry, plus `.lock`. The
-teardown of a local head may remove the whole folder; nothing else points into it.
+teardown of a local head removes every entry no live process holds (`clear()`); nothing else points
+into it.
 
 Key of an entry (one listing of the folder decides it, so a hit downloads nothing):
 - a folder with a `commit.json` (what posttrain publishes: every file's size and sha256, written
@@ -105,7 +106,7 @@ def _entry_bytes(entry: Path) -> int:
     return sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
 
 
-def _evict(root: Path, keep: Path, bound: int) -> list[str]:
+def _evict(root: Path, keep: Path | None, bound: int) -> list[str]:
     """Remove least recently used entries until the cache fits `bound`; never `keep`, never one a
     live process holds. Returns the removed entries' names."""
     entries = [p for p in root.iterdir() if p.is_dir() and (p / ENTRY).exists()]
@@ -188,6 +189,16 @@ def model_dir(uri: str, fs: AbstractFileSystem | None = None) -> Path:
         _hold(entry)
         _evict(root, entry, bound_bytes())
     return entry
+
+
+def clear() -> list[str]:
+    """Remove every entry of this node's cache that no live process holds: a local head's teardown,
+    once the run's stages are over (another run's models in use stay). Returns the removed names."""
+    root = cache_root()
+    if not root.is_dir():
+        return []
+    with _locked(root):
+        return _evict(root, None, -1)
 
 
 def model_file(uri: str, name: str, fs: AbstractFileSystem | None = None) -> Path | None:

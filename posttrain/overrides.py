@@ -88,5 +88,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any], source: str = "<r
         for part in parents:
             node = node[part]
         node[leaf] = value
+    if overrides.get("max_steps") is not None:
+        data["training"]["epochs"] = None  # a step count asked for at trigger time replaces the recipe's epochs
     # Relative override paths are taken from the current working directory of the task.
     return parse_recipe(data, source, base_dir=Path.cwd())

@@ -92,7 +92,8 @@ class ModelConfig(_Strict):
 
 class TrainingConfig(_Strict):
     max_steps: int | None = Field(100, ge=1, le=10_000_000, description="Optimizer steps to train")
-    epochs: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1, description="Passes over the training data, over all data-parallel "
+                               "ranks together (instead of max_steps)")
     learning_rate: float = Field(2.0e-5, gt=0, le=1, description="Peak learning rate")
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -115,6 +116,11 @@ class TrainingConfig(_Strict):
     def _length(self) -> TrainingConfig:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set max_steps or epochs")
+        if self.epochs is not None and self.max_steps is not None:
+            if "max_steps" in self.model_fields_set:
+                raise ValueError(f"set max_steps or epochs, not both (max_steps={self.max_steps}, "
+                                 f"epochs={self.epochs})")
+            self.max_steps = None  # the default step count gives way to the epochs asked for
         if self.sharding == "fsdp_tp" and self.tensor_parallel < 2:
             raise ValueError("sharding 'fsdp_tp' needs tensor_parallel ≥ 2 (the tensor-parallel degree)")
         if self.tensor_parallel > 1 and self.sharding in ("ddp", "fsdp"):

@@ -201,13 +201,20 @@ def _staging_root() -> Path:
     return posttrain_home() / "staging"
 
 
-def job_workspace(uri: str) -> Path:
-    """The local folder a job works in for the workspace `uri` (created for an object store)."""
+def staging_folder(uri: str) -> Path | None:
+    """This node's staging folder for the object-store workspace `uri` (None for file://)."""
     if is_local(uri):
-        return Path(uri.removeprefix("file://"))
+        return None
     if scheme(uri) not in SCHEMES:
         raise ValueError(f"workspace {uri}: storage scheme {scheme(uri)!r} is not supported; use file:// or s3://")
-    folder = _staging_root() / scheme(uri) / uri.split("://", 1)[1].strip("/")
+    return _staging_root() / scheme(uri) / uri.split("://", 1)[1].strip("/")
+
+
+def job_workspace(uri: str) -> Path:
+    """The local folder a job works in for the workspace `uri` (created for an object store)."""
+    folder = staging_folder(uri)
+    if folder is None:
+        return Path(uri.removeprefix("file://"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

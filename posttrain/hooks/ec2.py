@@ -15,7 +15,6 @@ import hashlib
 import re
 import shlex
 import time
-from pathlib import Path
 from typing import Any
 
 from posttrain.ec2_config import Ec2Config
@@ -203,21 +202,21 @@ class Ec2ClusterHook:
             "dashboard_url": cfg.dashboard_url.format(private_ip=ip, public_ip=head.get("PublicIpAddress", "")),
         }
 
-    def provision_cluster(self, cfg: Ec2Config, labels: dict[str, str], token_file: str, gpus_per_node: int,
+    def provision_cluster(self, cfg: Ec2Config, labels: dict[str, str], token: str, gpus_per_node: int,
                           log: Any, terminate_on_failure: bool) -> dict[str, Any]:
         """`provision`, then wait for Ray on every node: all of it within `cfg.launch_timeout_s`.
-        The nodes' Ray starts with the token in `token_file`, and the hook that waits for them uses
-        it too. On failure the cluster is terminated when `terminate_on_failure` (a setup's last
-        try: Airflow skips the teardown of a failed setup), else left for the next try to reuse."""
+        The nodes' Ray starts with `token`, and the hook that waits for them uses it too (where
+        the later tasks find it is the caller's: the run's workspace). On failure the cluster is
+        terminated when `terminate_on_failure` (a setup's last try: Airflow skips the teardown of a
+        failed setup), else left for the next try to reuse."""
         from posttrain.hooks.ray import RayJobHook
 
         cluster_id = labels[TAG_CLUSTER]
         deadline = time.monotonic() + cfg.launch_timeout_s
         try:
-            info = self.provision(cfg, labels, Path(token_file).read_text(), gpus_per_node, deadline, log)
-            info["token_file"] = token_file
+            info = self.provision(cfg, labels, token, gpus_per_node, deadline, log)
             # Running instances are not a cluster yet: wait for Ray on every node (never forever).
-            RayJobHook(address=info["dashboard_url"], token_file=token_file).wait_nodes(
+            RayJobHook(address=info["dashboard_url"], token=token).wait_nodes(
                 info["nodes"], max(1.0, deadline - time.monotonic()))
         except BaseException:
             if terminate_on_failure:

@@ -33,17 +33,22 @@ class LocalRayCluster:
     """A Ray head on 127.0.0.1 started with `ray start --head`, stopped by its own temp dir."""
 
     @classmethod
-    def start(cls, num_cpus: int, timeout: float = 120.0, node_env: dict[str, str] | None = None) -> dict[str, Any]:
+    def start(cls, num_cpus: int, timeout: float = 120.0, node_env: dict[str, str] | None = None,
+              token: str | None = None) -> dict[str, Any]:
         """`node_env`: what every process of the head gets in its environment (a node's S3
-        credentials: jobs inherit them from the raylet, so they are in no job's spec)."""
+        credentials: jobs inherit them from the raylet, so they are in no job's spec). `token`: the
+        cluster's auth token, kept by the caller (a run's is in its workspace: see cluster_token);
+        without one the head makes its own, in a 0600 `token_file` beside its temp dir."""
         cluster_id = uuid.uuid4().hex[:6]
         temp_dir = ray_temp_dir(cluster_id)
         temp_dir.mkdir(parents=True, exist_ok=True)
         # Token auth on, with a token of this cluster's own (not ~/.ray/auth_token).
-        token = secrets.token_hex(32)
-        token_file = temp_dir / "auth_token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(token)
+        token_file = None
+        if token is None:
+            token = secrets.token_hex(32)
+            token_file = temp_dir / "auth_token"
+            token_file.touch(mode=0o600)
+            token_file.write_text(token)
         gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env_agent, client = free_ports(7)
         bin_dir = str(Path(sys.executable).parent)
         env = {**os.environ, **{k: v for k, v in cache_env().items() if k not in os.environ}, **(node_env or {})}
@@ -78,7 +83,9 @@ class LocalRayCluster:
         ]
         info = {"provider": "local", "cluster_id": cluster_id, "address": f"127.0.0.1:{gcs}",
                 "dashboard_url": f"http://127.0.0.1:{dashboard}", "temp_dir": str(temp_dir),
-                "python": sys.executable, "token_file": str(token_file)}
+                "python": sys.executable}
+        if token_file is not None:
+            info["token_file"] = str(token_file)
         # Output goes to a file, not a pipe: the daemons `ray start` leaves behind inherit its
         # stdout, and a pipe would stay open until they exit.
         log_path = temp_dir / "ray-start.log"
@@ -93,7 +100,7 @@ class LocalRayCluster:
             cls.stop(info)
             raise RayJobError(f"`ray start --head` failed with exit code {code}:\n{output}")
         try:
-            RayJobHook(address=info["dashboard_url"], token_file=info["token_file"]).wait_ready(timeout)
+            RayJobHook(address=info["dashboard_url"], token=token).wait_ready(timeout)
         except RayJobError:
             cls.stop(info)
             raise

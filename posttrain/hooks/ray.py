@@ -49,16 +49,18 @@ class RayJobHook(BaseHook):
     hook_name = "Ray"
 
     def __init__(self, address: str | None = None, ray_conn_id: str = default_conn_name, timeout: float = 30.0,
-                 token_uri: str | None = None, storage_conn_id: str | None = None, token_file: str | None = None):
+                 token_uri: str | None = None, storage_conn_id: str | None = None, token_file: str | None = None,
+                 token: str | None = None):
         """`token_uri`: where the cluster's auth token is (a workspace URI read with `storage_conn_id`,
-        or a local path); `token_file` is the same for a local path (tests, a head on this machine)."""
+        or a local path); `token_file` is the same for a local path (tests, a head on this machine).
+        `token`: the token itself, for the setup task that made it (nothing else holds one)."""
         super().__init__()
         self.ray_conn_id = ray_conn_id
         self._address = address
         self.token_uri = token_uri or token_file
         self.storage_conn_id = storage_conn_id
         self.timeout = timeout
-        self._token: str | None = None
+        self._token: str | None = token
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:

@@ -86,13 +86,23 @@ class PromotionApprovalOperator(ApprovalOperator):
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        answer = super().execute_complete(context, event)  # on Reject, promote is skipped here
-        approved = answer["chosen_options"] == [self.APPROVE]
-        user = answer.get("responded_by_user") or {}
+        # Recorded before the base class acts on the answer: on Reject it skips promote by raising
+        # (Airflow's SkipMixin), so nothing after it would run.
+        if "error" not in event:
+            self.validate_chosen_options(event["chosen_options"])
+            self._record(event)
+        return super().execute_complete(context, event)
+
+    def _record(self, event: dict[str, Any]) -> dict[str, Any]:
+        """approval.json (who answered what, or that no one did), and for anything but Approve the
+        run's decision.json: not promoted, by whom and why."""
+        approved = event["chosen_options"] == [self.APPROVE]
+        user = event.get("responded_by_user") or {}
+        responded_at = event.get("responded_at")
         record = {"approved": approved, "timed_out": bool(event.get("timedout")),
                   "reviewer": user.get("name"), "reviewer_id": user.get("id"),
-                  "reason": (answer.get("params_input") or {}).get("reason") or None,
-                  "responded_at": answer["responded_at"].isoformat() if answer.get("responded_at") else None}
+                  "reason": (event.get("params_input") or {}).get("reason") or None,
+                  "responded_at": responded_at.isoformat() if hasattr(responded_at, "isoformat") else responded_at}
         self.storage.write_json_atomic(f"{self.workspace}/promotion/approval.json", record)
         if not approved:
             review = self.storage.read_json(f"{self.workspace}/promotion/review.json")

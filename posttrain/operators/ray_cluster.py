@@ -8,6 +8,7 @@ nothing else of the run survived).
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from posttrain import instance_types
@@ -23,17 +24,25 @@ class RayClusterOperator(PosttrainOperator):
     operator_extra_links = (RayDashboardLink(),)
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from posttrain.hooks.cluster_token import ensure_token, token_uri
         from posttrain.hooks.local_ray import LocalRayCluster
         from posttrain.hooks.ray import RayJobHook
 
         compute = self.load_recipe().compute
+        if compute.provider in ("local", "ec2"):
+            # The cluster's token, in the run's storage: the tasks after this one (and their
+            # triggers) may run on other machines, and a retried setup must reuse it (see
+            # cluster_token). Only where the token is goes into the cluster's info.
+            token = ensure_token(self.storage, self.workspace)
+            where = {"token_uri": token_uri(self.workspace), "storage_conn_id": self.storage_conn_id}
         if compute.provider == "local":
             # The head's processes reach an s3:// workspace with the storage connection's
             # credentials, as an EC2 node does with its instance profile.
             info = LocalRayCluster.start(num_cpus=compute.workers * compute.cpus_per_worker + 1,
-                                         timeout=compute.startup_timeout_s, node_env=self.storage.node_environment())
+                                         timeout=compute.startup_timeout_s, node_env=self.storage.node_environment(),
+                                         token=token) | where
         elif compute.provider == "ec2":
-            info = self._provision_ec2(context, compute)
+            info = self._provision_ec2(context, compute, token) | where
         else:
             hook = RayJobHook(ray_conn_id=compute.ray_conn_id)
             hook.wait_ready(compute.startup_timeout_s)
@@ -43,24 +52,16 @@ class RayClusterOperator(PosttrainOperator):
         RayDashboardLink.persist(context, info.get("dashboard_url"))
         return info
 
-    def _provision_ec2(self, context: Any, compute: Any) -> dict[str, Any]:
-        import secrets
-
+    def _provision_ec2(self, context: Any, compute: Any, token: str) -> dict[str, Any]:
         from posttrain.hooks.ec2 import TAG_CLUSTER, TAG_DAG, TAG_RUN, Ec2ClusterHook, cluster_id_for
 
         cfg = compute.ec2
         dag_id, run_id = context["ti"].dag_id, context["run_id"]
-        # The token the nodes' Ray starts with: kept in the workspace, so a retry that finds the
-        # cluster from an earlier try still speaks to it (and never in XCom, which the UI shows).
-        token_file = self.local_workspace() / "ray-token"
-        if not token_file.exists():
-            token_file.write_text(secrets.token_urlsafe(32))
-            token_file.chmod(0o600)
         labels = {TAG_CLUSTER: cluster_id_for(dag_id, run_id), TAG_DAG: dag_id, TAG_RUN: run_id}
         gpus_per_node = instance_types.gpus(cfg.worker_instance_type) if compute.gpus_per_worker else 0
         # Only the last try cleans up: an earlier one leaves the instances for the retry to reuse.
         return Ec2ClusterHook(cfg.aws_conn_id, cfg.region).provision_cluster(
-            cfg, labels, str(token_file), gpus_per_node, self.log,
+            cfg, labels, token, gpus_per_node, self.log,
             terminate_on_failure=context["ti"].try_number > self.retries)
 
 
@@ -83,6 +84,16 @@ class RayClusterTeardownOperator(PosttrainOperator):
         return self.storage.read_json(uri) if self.workspace and self.storage.exists(uri) else None
 
     def execute(self, context: Any) -> dict[str, Any]:
+        result = self._tear_down(context)
+        # The cluster is gone: its token has nothing left to open (a failed teardown keeps it, for
+        # the retry that still has to reach the cluster's jobs).
+        if self.workspace:
+            from posttrain.hooks.cluster_token import remove_token
+
+            remove_token(self.storage, self.workspace)
+        return result
+
+    def _tear_down(self, context: Any) -> dict[str, Any]:
         from posttrain.hooks.local_ray import LocalRayCluster
 
         info = self._cluster_info()
@@ -110,7 +121,25 @@ class RayClusterTeardownOperator(PosttrainOperator):
             raise RuntimeError(f"{len(left)} Ray processes of cluster {info['cluster_id']} survived the teardown: "
                                + ", ".join(str(p.pid) for p in left))
         self.log.info("stopped Ray head %s (%d processes)", info["cluster_id"], stopped)
-        return {"stopped": stopped}
+        return {"stopped": stopped, "cleaned": self._clean_node()}
+
+    def _clean_node(self) -> list[str]:
+        """What the stopped head's jobs left on this machine, which was their node: the run's
+        staging folder (an object-store workspace) and the model cache's entries no other run holds."""
+        from posttrain import model_cache
+        from posttrain.storage_fs import staging_folder
+
+        cleaned = []
+        staging = staging_folder(self.workspace) if self.workspace else None
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            cleaned.append(str(staging))
+        removed = model_cache.clear()
+        if removed:
+            cleaned.append(f"{model_cache.cache_root()}: {len(removed)} cached models")
+        if cleaned:
+            self.log.info("removed from this node: %s", "; ".join(cleaned))
+        return cleaned
 
     def _stop_run_jobs(self, context: Any, info: dict[str, Any], window_s: float | None = None) -> list[str]:
         """On a cluster that outlives the run, no job of the run may go on: a task ended while its

@@ -25,8 +25,9 @@ import pytest
 
 from posttrain.hooks.ec2 import Ec2ClusterHook, cluster_id_for
 from posttrain.hooks.local_ray import LocalRayCluster
-from posttrain.hooks.ray import TERMINAL_STATES, RayJobHook
+from posttrain.hooks.ray import TERMINAL_STATES, RayClusterRef, RayJobHook, read_token
 from posttrain.paths import safe_name
+from posttrain.uris import local_path
 from tests.deployment.conftest import (
     EC2_DAG,
     JOB_TIMEOUT_S,
@@ -168,16 +169,26 @@ def cluster_of(deployment: Deployment, dag: str, run_id: str, existing: dict[str
     return existing
 
 
-def what_is_left_of(cluster: dict[str, Any], dag: str, run_id: str) -> list[str]:
+def cluster_hook(cluster: dict[str, Any]) -> RayJobHook:
+    """The cluster as the run's tasks reach it: an existing one by its token file; a run's own with
+    the token its setup task put in the run's storage, read now (the teardown deletes it)."""
+    if "token_file" in cluster:
+        return RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    ref = RayClusterRef.from_info(cluster)
+    assert ref.token_uri and ref.token_uri.endswith("/secrets/ray-token"), cluster
+    return RayJobHook(address=ref.dashboard_url, token=read_token(ref.token_uri, ref.storage_conn_id))
+
+
+def what_is_left_of(cluster: dict[str, Any], hook: RayJobHook, dag: str, run_id: str) -> list[str]:
     """What is left of a run's own cluster after its run: a local head's processes, EC2 instances
-    still running (and the jobs on the stand-in Ray cluster those instances would run)."""
+    still running (and the jobs on the stand-in Ray cluster those instances would run), the token."""
+    left = [f"token {cluster['token_uri']}"] if local_path(cluster["token_uri"]).exists() else []
     if cluster["provider"] == "local":
-        return [f"pid {p.pid}" for p in LocalRayCluster.processes(cluster)]
+        return left + [f"pid {p.pid}" for p in LocalRayCluster.processes(cluster)]
     if cluster["provider"] == "ec2":
-        hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
         instances = Ec2ClusterHook("aws_moto", "us-east-1").instances(cluster_id_for(dag, run_id))
-        return [f"instance {i['InstanceId']}" for i in instances] + [f"job {j}" for j in hook.running_jobs()]
-    return []
+        return left + [f"instance {i['InstanceId']}" for i in instances] + [f"job {j}" for j in hook.running_jobs()]
+    return left
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.provider}-{r.name.replace(' ', '-')}" for r in ROWS])
@@ -197,7 +208,7 @@ def test_nothing_a_task_ends_with_leaves_its_job_running(deployment: Deployment,
                                          timeout=600)
         assert state == row.waits, deployment.task_states(row.dag, run_id)
         cluster = cluster_of(deployment, row.dag, run_id, existing_ray)
-        hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+        hook = cluster_hook(cluster)
         # The trainer is really at work: its job runs and has logged a step.
         assert wait_job(hook, job_id, lambda s: s == "RUNNING", timeout=120) == "RUNNING"
         deadline = time.monotonic() + 180
@@ -216,7 +227,7 @@ def test_nothing_a_task_ends_with_leaves_its_job_running(deployment: Deployment,
         deployment.wait_for_run(row.dag, run_id, timeout=300)
         left = running_jobs(existing_ray)
         if cluster is not existing_ray:
-            left += what_is_left_of(cluster, row.dag, run_id)
+            left += what_is_left_of(cluster, hook, row.dag, run_id)
         stopped = f"{seconds:.1f} s" if status in ("STOPPED", "GONE") else f"not ({status})"
         if not _printed_header:
             _printed_header.append(True)

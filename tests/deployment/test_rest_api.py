@@ -19,7 +19,7 @@ from tests.deployment.conftest import SFT_DAG, Deployment, descendants, run_path
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
 TASKS = ("resolve_recipe", "validate_data", "prepare_data", "ray_cluster", "train", "evaluate", "promote",
-         "ray_cluster_teardown")
+         "ray_cluster_teardown", "report")
 
 
 def test_components_listen_on_loopback_only(deployment: Deployment) -> None:
@@ -69,7 +69,8 @@ def test_tiny_sft_runs_through_the_deployment(deployment: Deployment, sft_run: d
              for task in ("ray_cluster", "train", "evaluate")}
     job_id = safe_name(f"posttrain-{SFT_DAG}-{run_id}-train-try1")
     assert links["ray_cluster"] == {"Ray dashboard": dashboard}
-    assert links["train"] == {"Ray dashboard": f"{dashboard}/#/jobs/{job_id}"}
+    # (no MLflow UI serves this deployment's local tracking store: its link has no URL)
+    assert links["train"] == {"Ray dashboard": f"{dashboard}/#/jobs/{job_id}", "MLflow run": None}
     assert links["evaluate"]["Ray dashboard"].startswith(f"{dashboard}/#/jobs/")
     assert dashboard.startswith("http://127.0.0.1:")
 

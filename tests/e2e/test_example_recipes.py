@@ -5,12 +5,17 @@ test's folder and the run shortened; everything else as committed)."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+from posttrain.hooks.storage import StorageHook
+from posttrain.paths import run_workspace
 from posttrain.recipe import load_recipe
+from posttrain.storage_fs import staging_folder
+from posttrain.training_lib import checkpoint
 from posttrain.uris import local_path
 from tests.conftest import REPO, run_recipe, task_states, workspace_of
 
@@ -18,13 +23,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
 RECIPES = REPO / "dags" / "recipes"
 
 
-def example(tmp_path: Path, name: str, steps: int) -> Path:
-    """The committed recipe with absolute paths, storage under tmp_path and `steps` training steps."""
+def example(tmp_path: Path, name: str, steps: int, storage: dict[str, str] | None = None) -> Path:
+    """The committed recipe with absolute paths, storage under tmp_path (or `storage`) and `steps`
+    training steps."""
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     data = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     data["model"]["base"] = recipe.model.base
     data["data"]["train"], data["data"]["eval"] = recipe.data.train, recipe.data.eval
-    data["storage"]["root"] = str(tmp_path / "storage")
+    data["storage"] = storage or {"root": str(tmp_path / "storage")}
     if "kd" in data:
         data["kd"]["teacher"] = recipe.kd.teacher
     data["training"].update(max_steps=steps, checkpoint_every=steps)
@@ -65,19 +71,35 @@ def test_tiny_kd_recipe_end_to_end(tmp_path: Path, tiny_model: Path, tiny_teache
     assert champion["metric"] == "eval_loss" and champion["value"] == metrics["eval_loss"]
 
 
-def test_tiny_grpo_recipe_end_to_end(tmp_path: Path, tiny_model: Path, tiny_teacher: Path) -> None:
-    path = example(tmp_path, "tiny-grpo", steps=4)
+def test_tiny_grpo_recipe_end_to_end_in_s3(tmp_path: Path, tiny_model: Path, tiny_teacher: Path, moto_server: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRPO with the run workspace in a bucket of moto's S3 server: the policy's checkpoints, the
+    export the evaluation's vLLM engine loads and the results all there, nothing left on local disk."""
+    import boto3
+
+    bucket = f"grpo-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # moto is reached through the connection only
+        monkeypatch.delenv(key, raising=False)
+    path = example(tmp_path, "tiny-grpo", steps=4, storage={"root": f"s3://{bucket}/rl", "conn_id": "aws_moto"})
     run = run_recipe(path)
     states = task_states(run)
     assert set(states.values()) == {"success"}, states
-    ws = workspace_of(path, run)
-    manifest = json.loads((ws / "data" / "manifest.json").read_text())
+    recipe = load_recipe(path)
+    storage = StorageHook(recipe.storage.conn_id)
+    ws = storage.store(run_workspace(recipe.storage.root, recipe.name, run.run_id))
+    manifest = (ws / "data" / "manifest.json").read_json()
     assert manifest["format"] == "prompt" and manifest["splits"]["train"]["prompts"] == 400
     rows = [json.loads(x) for x in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all("reward/starts_with_the" in r and "reward/length_penalty" in r for r in rows)
-    metrics = json.loads((ws / "eval" / "metrics.json").read_text())
+    assert [p.name for p in checkpoint.complete_checkpoints(ws / "checkpoints")] == ["step-00000004"]
+    metrics = (ws / "eval" / "metrics.json").read_json()
     assert metrics["eval_prompts"] == 32 and "reward/starts_with_the" in metrics
     samples = [json.loads(x) for x in (ws / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 32 and all(isinstance(s["generated"], str) for s in samples)
-    champion = json.loads(local_path(load_recipe(path).champion_uri).read_text())
+    champion = storage.store(recipe.champion_uri).read_json()
     assert champion["metric"] == "reward_mean" and champion["value"] == metrics["reward_mean"]
+    assert champion["model_uri"].startswith(f"s3://{bucket}/")
+    # The teardown removed the token and the jobs' staging folder of the run.
+    staging = staging_folder(ws.uri)
+    assert not (ws / "secrets").exists() and staging is not None and not staging.exists()

@@ -1,6 +1,7 @@
 """dags/recipes/tiny-sft-s3.yaml end to end through its DAG with the run workspace in a bucket of
-moto's S3 server (loopback): validate → prepare → Ray cluster → train → evaluate → promote →
-teardown, every artifact of the run in the bucket."""
+moto's S3 server (loopback): validate → Ray cluster → prepare (`data.prepare: ray`) → train →
+evaluate → promote → teardown, every artifact of the run in the bucket, nothing of it left on the
+local disk."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import yaml
 
 from posttrain.hooks.storage import StorageHook
 from posttrain.recipe import load_recipe
-from posttrain.storage_fs import job_workspace
+from posttrain.storage_fs import job_workspace, staging_folder
 from posttrain.training_lib import checkpoint
 from tests.conftest import REPO, run_recipe, task_states
 
@@ -32,6 +33,9 @@ def test_tiny_sft_s3_recipe_end_to_end(tmp_path: Path, tiny_model: Path, moto_se
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     data["model"]["base"] = recipe.model.base
     data["data"]["train"], data["data"]["eval"] = recipe.data.train, recipe.data.eval
+    # Prepared by a Ray Data job on the run's cluster, the shards written by its workers straight to the
+    # bucket (the local prepare's S3 path: tests/integration/test_s3_storage.py).
+    data["data"]["prepare"] = "ray"
     data["storage"]["root"] = f"s3://{bucket}/tiny"
     data["training"].update(max_steps=4, checkpoint_every=2)
     data["evaluation"].update(max_samples=8, max_new_tokens=8)
@@ -65,4 +69,8 @@ def test_tiny_sft_s3_recipe_end_to_end(tmp_path: Path, tiny_model: Path, moto_se
     champion = (root / "champion.json").read_json()
     assert champion["value"] == metrics["eval_loss"] and champion["model_uri"].startswith(root.uri)
     assert (storage.store(champion["model_uri"]) / "model.safetensors").exists()
-    shutil.rmtree(job_workspace(f"s3://{bucket}"))  # the jobs' staging folders on this node
+    # The teardown of the local head removed the cluster's token and what its jobs staged here.
+    assert not (workspace / "secrets").exists()
+    staging = staging_folder(workspace.uri)
+    assert staging is not None and not staging.exists(), sorted(p.name for p in staging.rglob("*"))[:20]
+    shutil.rmtree(job_workspace(f"s3://{bucket}"))  # the empty folders above it

@@ -5,7 +5,8 @@ loading its FSDP2 shard computes the plain HF model's logits (the logit verifier
 (degree 2) trains step for step like the plain model in one process (MoE: refused by the plan
 check); LoRA on the family's usual targets trains a few SFT steps with a falling loss and exports,
 and transformers reloads the export with the trained model's logits; vLLM (CPU) loads the export
-and stops at the family's end-of-turn token. The matrix is printed at the end.
+and stops at the family's end-of-turn token; promotion's verified copy of the export is the export
+(same logits, same tokenizer fingerprint). The matrix is printed at the end.
 """
 
 from __future__ import annotations
@@ -250,8 +251,36 @@ def test_vllm_loads_the_export_and_stops_at_the_end_of_turn_token(matrix: dict, 
     matrix["cells"][name]["stop token"] = out["end_of_turn"]
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_promoted_champion_is_the_export(matrix: dict, name: str, tmp_path: Path) -> None:
+    """Promotion's copy (storage_promote.copy_tree_verified, as the promote task makes it) of the
+    family's export: transformers loads it with the export's logits, and its tokenizer is the base
+    model's (same fingerprint: the next run's comparison with this champion pairs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.prep.tokenizer import tokenizer_fingerprint
+    from posttrain.storage_fs import COMMIT, Store
+    from posttrain.storage_promote import copy_tree_verified
+
+    export = Path(matrix["ranks"][0][name]["export"])
+    champion = tmp_path / "promoted" / "v1"
+    files = copy_tree_verified(Store.at(str(export)), Store.at(str(champion)))
+    assert json.loads((champion / COMMIT).read_text())["files"] == files
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= set(files)
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (export, champion)]
+    doc = single_document(models[0].config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(models[0](**doc).logits, models[1](**doc).logits)
+    base = AutoTokenizer.from_pretrained(matrix["dirs"][name])
+    promoted = AutoTokenizer.from_pretrained(champion)
+    assert tokenizer_fingerprint(promoted) == tokenizer_fingerprint(base)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert promoted.apply_chat_template(chat, tokenize=False) == base.apply_chat_template(chat, tokenize=False)
+    matrix["cells"][name]["promote"] = "ok"
+
+
 def test_print_the_matrix(matrix: dict, capsys: pytest.CaptureFixture) -> None:
-    columns = ["load/verify", "LoRA", "TP", "export", "vLLM", "stop token"]
+    columns = ["load/verify", "LoRA", "TP", "export", "vLLM", "stop token", "promote"]
     rows = [["family", *columns]] + [[n, *(matrix["cells"][n].get(c, "FAILED") for c in columns)] for n in FAMILIES]
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns) + 1)]
     with capsys.disabled():

@@ -352,6 +352,9 @@ def test_model_cache_evicts_the_least_recently_used_past_its_bound(s3_root: str,
     os.utime(held / model_cache.ENTRY, (1, 1))
     entry_a = Path(_fetch_in_subprocess(a, bound_gib=bound)[0])
     assert held.is_dir() and entry_a.is_dir() and not entry_c.exists()
+    # A local head's teardown clears the cache (model_cache.clear): all but what a live process holds.
     monkeypatch.setenv("POSTTRAIN_MODEL_CACHE_GIB", "0")
+    assert model_cache.clear() == [entry_a.name]
+    assert held.is_dir() and not entry_a.exists()
     with pytest.raises(ValueError, match="POSTTRAIN_MODEL_CACHE_GIB='0': the cache bound must be positive"):
         model_cache.model_dir(a)

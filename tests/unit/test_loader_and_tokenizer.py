@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from posttrain.prep.tokenizer import TokenizerMismatch, require_same_tokenizer, tokenizer_fingerprint
-from posttrain.training_lib.data.loader import PackedLoader
+from posttrain.recipe import Recipe, TrainingConfig
+from posttrain.training_lib.data.loader import PackedLoader, steps_for
 
 
 def blocks(n: int) -> dict[str, torch.Tensor]:
@@ -24,6 +25,32 @@ def test_ranks_get_disjoint_blocks_each_epoch_and_the_same_number_of_batches() -
     assert loaders[0].batches_per_epoch == loaders[1].batches_per_epoch == 5  # 21 // (2 × 2)
     seen = [{int(v) for _ in range(5) for v in loader.next_batch()["input_ids"][:, 0]} for loader in loaders]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 20
+
+
+@pytest.mark.parametrize(("n", "world", "mbs", "ga", "epochs"),
+                         [(21, 2, 2, 1, 2), (37, 2, 1, 3, 3), (10, 4, 2, 2, 1), (50, 1, 2, 2, 2), (9, 2, 4, 2, 2)])
+def test_epochs_over_data_parallel_ranks_see_each_block_once_per_epoch(n: int, world: int, mbs: int, ga: int,
+                                                                       epochs: int) -> None:
+    """What the SFT and KD loops run: steps_for(...) steps of grad_accum micro-batches on every rank."""
+    training = TrainingConfig(max_steps=None, epochs=epochs, micro_batch_size=mbs, grad_accum=ga)
+    steps = steps_for(Recipe.model_construct(training=training), n, world)
+    per_epoch = steps // epochs
+    assert per_epoch == max(1, n // (world * mbs * ga)) and steps == epochs * per_epoch
+    loaders = [PackedLoader(blocks(n), rank, world, mbs, seed=3, grad_accum=ga) for rank in range(world)]
+    seen = [[[int(v) for _ in range(per_epoch * ga) for v in loader.next_batch()["input_ids"][:, 0]]
+             for _ in range(epochs)] for loader in loaders]
+    for epoch in range(epochs):
+        mine = [seen[rank][epoch] for rank in range(world)]
+        everyone = [b for blocks_of_rank in mine for b in blocks_of_rank]
+        assert all(len(m) == per_epoch * ga * mbs for m in mine)  # every rank, the same count
+        if per_epoch * ga * mbs * world <= n:
+            # An epoch: each block at most once over all ranks, all but the last partial step's.
+            assert len(set(everyone)) == len(everyone) and n - len(everyone) < world * mbs * ga
+        else:  # fewer blocks than one step takes: each block as often as the others, ±1
+            counts = [everyone.count(b) for b in range(n)]
+            assert max(counts) - min(counts) <= 1
+    # The loaders' epochs end exactly where the steps say: the next batch opens the next epoch.
+    assert all(loader.state.epoch == epochs - 1 and loader.state.batch == per_epoch * ga for loader in loaders)
 
 
 def test_loader_resumes_where_it_stopped() -> None:

@@ -69,6 +69,7 @@ def test_example_recipe_is_valid_and_resolves_relative_paths() -> None:
     ({"model": {"base": "m", "components": {"head": "not a path"}}}, "model.components.head", "import path"),
     ({"promotion": {"approval": "maybe"}}, "promotion.approval", "'none' or 'required'"),
     ({"promotion": {"approval_timeout": 0}}, "promotion.approval_timeout", "greater than or equal to 1"),
+    ({"training": {"max_steps": 4, "epochs": 2}}, "training", "set max_steps or epochs, not both"),
 ])
 def test_schema_errors_name_the_field(tmp_path: Path, sections: dict, field: str, message: str) -> None:
     path = write_recipe(tmp_path, **sections)
@@ -140,6 +141,24 @@ def test_overrides_are_whitelisted_and_revalidated(tmp_path: Path) -> None:
         apply_overrides(recipe, {"learning_rate": 0})
     with pytest.raises(RecipeError, match=r"data.eval is required"):
         apply_overrides(recipe, {"eval_data": None})
+
+
+def test_epochs_replace_the_default_step_count_and_an_overridden_step_count_replaces_them(tmp_path: Path) -> None:
+    from posttrain.recipe import Recipe
+
+    path = write_recipe(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    del data["training"]["max_steps"]
+    data["training"]["epochs"] = 3
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    assert (recipe.training.max_steps, recipe.training.epochs) == (None, 3)
+    # What the workers read back (recipe.json) means the same.
+    assert Recipe.model_validate(recipe.model_dump(mode="json")).training.epochs == 3
+    assert override_defaults(recipe)["max_steps"] is None
+    assert apply_overrides(recipe, {"max_steps": None}).training.epochs == 3  # the form's untouched default
+    steps = apply_overrides(recipe, {"max_steps": 7}).training
+    assert (steps.max_steps, steps.epochs) == (7, None)
 
 
 def test_schema_round_trips_through_json(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """Packed blocks from the prepared Parquet shards, split across data-parallel ranks.
 
 Every rank sees the same number of batches per epoch (the epoch's order is trimmed to a multiple
-of world_size × micro_batch_size, wrapping around when the data is smaller than that), because an
-uneven count would leave one rank waiting in a collective forever. The position (epoch, batch) is
-all a resume needs: the order of an epoch is a pure function of (seed, epoch).
+of world_size × micro_batch_size × grad_accum, wrapping around when the data is smaller than that),
+because an uneven count would leave one rank waiting in a collective forever, and an epoch is a
+whole number of optimizer steps, so `training.epochs` means what it says (`steps_for`). The
+position (epoch, batch) is all a resume needs: the order of an epoch is a pure function of (seed,
+epoch).
 """
 
 from __future__ import annotations
@@ -70,15 +72,15 @@ class LoaderState:
 
 class PackedLoader:
     def __init__(self, blocks: dict[str, torch.Tensor], rank: int, world_size: int, micro_batch_size: int,
-                 seed: int, state: LoaderState | None = None):
+                 seed: int, state: LoaderState | None = None, grad_accum: int = 1):
         self.blocks = blocks
         self.rank, self.world_size, self.mbs, self.seed = rank, world_size, micro_batch_size, seed
         self.state = state or LoaderState()
         self.num_blocks = blocks["input_ids"].shape[0]
         if self.num_blocks == 0:
             raise ValueError("the prepared split holds no blocks")
-        per_step = world_size * micro_batch_size
-        self.batches_per_epoch = max(1, self.num_blocks // per_step)
+        # Micro-batches per rank and epoch: whole optimizer steps of every rank.
+        self.batches_per_epoch = grad_accum * max(1, self.num_blocks // (world_size * micro_batch_size * grad_accum))
 
     @functools.lru_cache(maxsize=1)  # noqa: B019 - one epoch's order, reused by all its batches
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
@@ -104,6 +106,18 @@ class PackedLoader:
         return {k: v[idx] for k, v in self.blocks.items()}
 
 
+def steps_for(recipe: Recipe, blocks_per_epoch: int, dp_size: int) -> int:
+    """Optimizer steps of the run: `training.max_steps`, or `training.epochs` epochs, an epoch being
+    every block once over all data-parallel ranks and a step micro_batch_size × grad_accum blocks
+    on each of the `dp_size` ranks (the blocks an epoch's last, partial step would take are left
+    out, as PackedLoader leaves them out; with streaming packing the epoch's block count is the
+    offline packing's, so its epochs are approximate)."""
+    t = recipe.training
+    if t.max_steps:
+        return t.max_steps
+    return t.epochs * max(1, blocks_per_epoch // (t.micro_batch_size * t.grad_accum * dp_size))
+
+
 def make_loader(recipe: Recipe, workspace: Path, rank: int, world: int) -> tuple[PackedLoader | StreamingLoader, int]:
     """This rank's micro-batches of the prepared train split: offline-packed blocks, or blocks packed
     on the fly from the document stream. Returns (loader, blocks per epoch over all ranks)."""
@@ -114,5 +128,6 @@ def make_loader(recipe: Recipe, workspace: Path, rank: int, world: int) -> tuple
         packer = StreamingPacker(ids, trains, recipe.data.max_seq_len, manifest["tokenizer"]["block_pad_id"],
                                  t.seed, rank, world, packing.buffer_docs)
         return StreamingLoader(packer, t.micro_batch_size), manifest["splits"]["train"]["blocks"]
-    loader = PackedLoader(read_blocks(workspace, "train"), rank, world, t.micro_batch_size, t.seed)
+    loader = PackedLoader(read_blocks(workspace, "train"), rank, world, t.micro_batch_size, t.seed,
+                          grad_accum=t.grad_accum)
     return loader, loader.num_blocks

@@ -55,9 +55,10 @@ class PairLoader(PackedLoader):
     """`micro_batch_size` pairs per batch for this data-parallel rank, resumable by (epoch, batch)."""
 
     def __init__(self, pairs: list[Pair], rank: int, world_size: int, micro_batch_size: int, seed: int,
-                 pad_id: int, pad_to: int = 64):
+                 pad_id: int, pad_to: int = 64, grad_accum: int = 1):
         self.pairs, self.pad_id, self.pad_to = pairs, pad_id, pad_to
-        super().__init__({"input_ids": torch.empty(len(pairs), 0)}, rank, world_size, micro_batch_size, seed)
+        super().__init__({"input_ids": torch.empty(len(pairs), 0)}, rank, world_size, micro_batch_size, seed,
+                         grad_accum=grad_accum)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.state.batch >= self.batches_per_epoch:

@@ -32,8 +32,8 @@ def train_loop(config: dict) -> None:
     t, device, dpo = w.t, w.device, w.recipe.dpo
     pairs = read_pairs(w.workspace, "train")
     pad_id = read_manifest(w.workspace)["tokenizer"]["block_pad_id"]
-    loader = PairLoader(pairs, w.dp_rank, w.dp_size, t.micro_batch_size, t.seed, pad_id)
-    max_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum)
+    loader = PairLoader(pairs, w.dp_rank, w.dp_size, t.micro_batch_size, t.seed, pad_id, grad_accum=t.grad_accum)
+    max_steps = t.max_steps or t.epochs * (loader.batches_per_epoch // t.grad_accum)  # whole steps per epoch
     model, trainable, optimizer, report = runtime.build_model(w)
     reference = precomputed_reference(w, model, pairs, pad_id) if dpo.reference == "precomputed" else None
     step, _ = runtime.resume(w, model, optimizer, loader)

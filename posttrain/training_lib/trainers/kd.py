@@ -16,7 +16,7 @@ import torch.distributed as dist
 from posttrain.prep.tokenizer import require_same_tokenizer
 from posttrain.recipe import Recipe
 from posttrain.training_lib import runtime
-from posttrain.training_lib.data.loader import make_loader
+from posttrain.training_lib.data.loader import make_loader, steps_for
 from posttrain.training_lib.grad_clip import clip_grad_norm
 from posttrain.training_lib.models.with_loss import base_model
 from posttrain.training_lib.parallel.parallelize import build_frozen_model
@@ -27,7 +27,7 @@ def train_loop(config: dict) -> None:
     w = runtime.start_worker(config)
     t, device, kd = w.t, w.device, w.recipe.kd
     loader, blocks_per_epoch = make_loader(w.recipe, w.workspace, w.dp_rank, w.dp_size)
-    max_steps = t.max_steps or t.epochs * max(1, blocks_per_epoch // (t.micro_batch_size * t.grad_accum))
+    max_steps = steps_for(w.recipe, blocks_per_epoch, w.dp_size)
     model, trainable, optimizer, report = runtime.build_model(w)
     teacher, teacher_report = build_frozen_model(w.recipe, w.plan, w.mesh, kd.teacher)
     teacher_weight = base_model(teacher.lm).lm_head.weight  # replicated: readable outside the teacher's forward

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from posttrain.recipe import Recipe
 from posttrain.training_lib import runtime
-from posttrain.training_lib.data.loader import make_loader
+from posttrain.training_lib.data.loader import make_loader, steps_for
 from posttrain.training_lib.grad_clip import clip_grad_norm
 from posttrain.training_lib.trainers.common import fit
 
@@ -25,7 +25,7 @@ def train_loop(config: dict) -> None:
     t, device = w.t, w.device
     # Ranks of one tensor-parallel group see the same data; the data-parallel ranks split it.
     loader, blocks_per_epoch = make_loader(w.recipe, w.workspace, w.dp_rank, w.dp_size)
-    max_steps = t.max_steps or t.epochs * max(1, blocks_per_epoch // (t.micro_batch_size * t.grad_accum))
+    max_steps = steps_for(w.recipe, blocks_per_epoch, w.dp_size)
     model, trainable, optimizer, report = runtime.build_model(w)
     step, _ = runtime.resume(w, model, optimizer, loader)
     runtime.announce(w, trainable, report, f"~{blocks_per_epoch} blocks of {w.recipe.data.max_seq_len} tokens per "

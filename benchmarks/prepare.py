@@ -103,7 +103,13 @@ def arm(name: str, work: Path, data: Path, tokenizer: Path) -> dict:
         return {"seconds": seconds, "rows": len(ds), "tokens": int(tokens)}
     recipe = recipe_for(work, data, tokenizer)
     if name == "local":
+        from transformers import AutoTokenizer
+
         from posttrain.prep.prepare import prepare
+
+        # transformers imports its modules (torch among them) on first use, seconds of it: load the
+        # tokenizer once before the clock starts, as the TRL arm does (prepare loads it again, in ms).
+        AutoTokenizer.from_pretrained(tokenizer)
 
         start = time.perf_counter()
         stats = prepare(recipe.model_copy(update={"data": recipe.data.model_copy(update={"eval": None})}), out)

@@ -18,7 +18,7 @@ from typing import IO, Any
 import fsspec
 
 from posttrain.data_config import DataConfig
-from posttrain.prep.chat import TemplateError, chat_examples, fold_system_prompt
+from posttrain.prep.chat import TemplateError, Tokenized, chat_examples, chat_examples_batch, fold_system_prompt
 from posttrain.prep.formats import prepare_preference, prepare_prompts
 from posttrain.prep.shards import ChatShards
 from posttrain.prep.tokenizer import ModelFs, TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
@@ -26,6 +26,7 @@ from posttrain.recipe import Recipe
 from posttrain.storage_fs import Store
 
 Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
+Document = tuple[list[int], list[bool]]  # a training document: token ids and which of them train
 
 
 def read_jsonl(uri: str, open_binary: Opener | None = None) -> Iterator[tuple[int, dict]]:
@@ -49,6 +50,17 @@ class Rows:
         for lineno, row in read_jsonl(self.uri, self.open_binary):
             self.lineno = lineno
             yield row
+
+    def batches(self, size: int) -> Iterator[list[tuple[int, dict]]]:
+        """(line number, row) pairs, `size` at a time (the last batch may be shorter)."""
+        batch: list[tuple[int, dict]] = []
+        for lineno, row in read_jsonl(self.uri, self.open_binary):
+            batch.append((lineno, row))
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     @contextmanager
     def at_row(self) -> Iterator[None]:
@@ -108,11 +120,22 @@ class ChatCounts:
     dropped: int = 0
     no_target: int = 0
 
-    def documents(self, tokenizer: Any, row: dict, data: DataConfig) -> list[tuple[list[int], list[bool]]]:
+    def documents(self, tokenizer: Any, row: dict, data: DataConfig) -> list[Document]:
         """The row's training documents (ids, trains mask), truncated or dropped as the recipe says."""
+        toks = chat_examples(tokenizer, _messages(row, data), last_turn_only=data.train_on == "last_assistant_turn")
+        return self._kept(toks, data)
+
+    def documents_batch(self, tokenizer: Any, rows: list[dict], data: DataConfig) -> list[list[Document]]:
+        """`documents` of each row, the rows rendered and tokenized together (see chat_examples_batch).
+        The counts change only once every row has its examples, so a batch that raises can be redone
+        row by row."""
+        conversations = [_messages(row, data) for row in rows]
+        examples = chat_examples_batch(tokenizer, conversations, last_turn_only=data.train_on == "last_assistant_turn")
+        return [self._kept(toks, data) for toks in examples]
+
+    def _kept(self, toks: list[Tokenized], data: DataConfig) -> list[Document]:
+        """A row's examples as documents, counted; truncated or dropped where they are too long."""
         self.rows += 1
-        messages = fold_system_prompt(row["messages"]) if data.fold_system_prompt else row["messages"]
-        toks = chat_examples(tokenizer, messages, last_turn_only=data.train_on == "last_assistant_turn")
         self.examples += len(toks)
         self.expanded += len(toks) > 1  # a template that rewrites earlier turns: one example per reply
         docs = []
@@ -131,10 +154,19 @@ class ChatCounts:
         return docs
 
 
+def _messages(row: dict, data: DataConfig) -> list[dict]:
+    return fold_system_prompt(row["messages"]) if data.fold_system_prompt else row["messages"]
+
+
 def streaming_layout(recipe: Recipe, split: str) -> bool:
     """Training data in streaming mode stays unpacked (the trainer packs it); eval data is always
     packed offline."""
     return recipe.data.packing.mode == "streaming" and split == "train"
+
+
+# Rows rendered and tokenized together (see chat_examples_batch): enough to make the per-call cost
+# small, few enough that a batch's documents are a sliver of a shard's.
+BATCH_ROWS = 256
 
 
 def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
@@ -144,13 +176,31 @@ def prepare_chat(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split
                         pad_id=block_pad_id(tokenizer), packing=recipe.data.packing.enabled)
     counts = ChatCounts()
     source = Rows(uri, open_binary)
-    for row in source:
-        with source.at_row():
-            docs = counts.documents(tokenizer, row, recipe.data)
-        for ids, mask in docs:
-            shards.add(ids, mask, row=source.lineno)  # evaluation scores each eval example by its line
+    for batch in source.batches(BATCH_ROWS):
+        for lineno, docs in zip((n for n, _ in batch), _batch_documents(counts, tokenizer, batch, recipe.data, source),
+                                strict=True):
+            for ids, mask in docs:
+                shards.add(ids, mask, row=lineno)  # evaluation scores each eval example by its line
     shards.close()
     return chat_stats(counts, shards, recipe.data.max_seq_len, streaming)
+
+
+def _batch_documents(counts: ChatCounts, tokenizer: Any, batch: list[tuple[int, dict]], data: DataConfig,
+                     source: Rows) -> list[list[Document]]:
+    """The documents of a batch of rows. Where the batch fails (a row the template refuses, a row
+    without messages), its rows go again one by one, so the error is the row's own and, for the
+    template, names its line, as it did before rows were batched."""
+    try:
+        return counts.documents_batch(tokenizer, [row for _, row in batch], data)
+    except Exception:  # whatever it was, the row-by-row pass raises it for the right row
+        return [_row_documents(counts, tokenizer, lineno, row, data, source) for lineno, row in batch]
+
+
+def _row_documents(counts: ChatCounts, tokenizer: Any, lineno: int, row: dict, data: DataConfig,
+                   source: Rows) -> list[Document]:
+    source.lineno = lineno
+    with source.at_row():
+        return counts.documents(tokenizer, row, data)
 
 
 def chat_stats(counts: ChatCounts, shards: Any, max_len: int, streaming: bool) -> dict:

@@ -11,10 +11,14 @@ exactly as before (one window).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from posttrain.prep.packing import best_fit_decreasing, pack
+import numpy as np
+
+from posttrain.prep.packing import best_fit_decreasing, pack_columns
 from posttrain.storage_fs import Store
 
 BLOCKS_PER_SHARD = 1024
@@ -85,27 +89,40 @@ def write_chat_shard(out_dir: Path | Store, split: str, index: int, window: list
     returns its name relative to the workspace and its block count (what offline packing gives)."""
     import pyarrow as pa
 
-    ints, bools = pa.list_(pa.int32()), pa.list_(pa.bool_())
     if documents:
         # Unpacked; the block count is what offline packing would give (the manifest reports it).
         lengths = [len(ids) for ids, _ in window]
         n_blocks = len(best_fit_decreasing(lengths, max_len)) if packing else len(lengths)
-        table = pa.table({"input_ids": pa.array([d[0] for d in window], type=ints),
-                          "assistant_mask": pa.array([d[1] for d in window], type=bools)})
+        table = pa.table({"input_ids": _list_column((d[0] for d in window), len(window), pa.int32()),
+                          "assistant_mask": _list_column((d[1] for d in window), len(window), pa.bool_())})
         name = f"{split}-docs-{index:05d}.parquet"
     else:
-        blocks = pack(window, max_len, pad_id, enabled=packing, rows=rows)
-        n_blocks = len(blocks)
+        cols = pack_columns(window, max_len, pad_id, enabled=packing, rows=rows)
+        n_blocks = len(cols.block_offsets) - 1
+        blocks, docs = pa.array(cols.block_offsets), pa.array(cols.doc_offsets)
         table = pa.table({
-            "input_ids": pa.array([b.input_ids for b in blocks], type=ints),
-            "labels": pa.array([b.labels for b in blocks], type=ints),
-            "position_ids": pa.array([b.position_ids for b in blocks], type=ints),
-            "doc_lens": pa.array([b.doc_lens for b in blocks], type=ints),
-            "doc_rows": pa.array([b.doc_rows for b in blocks], type=ints),
+            "input_ids": pa.ListArray.from_arrays(blocks, pa.array(cols.input_ids)),
+            "labels": pa.ListArray.from_arrays(blocks, pa.array(cols.labels)),
+            "position_ids": pa.ListArray.from_arrays(blocks, pa.array(cols.position_ids)),
+            "doc_lens": pa.ListArray.from_arrays(docs, pa.array(cols.doc_lens)),
+            "doc_rows": pa.ListArray.from_arrays(docs, pa.array(cols.doc_rows)),
         })
         name = f"{split}-{index:05d}.parquet"
     write_table(table, out_dir / name)
     return f"data/{name}", n_blocks
+
+
+def _list_column(values: Iterable[list], n: int, item: Any) -> Any:
+    """A list<item> column of `n` Python lists, built from their values end to end and the offsets
+    (what pa.array makes of the lists, without its per-element conversion)."""
+    import pyarrow as pa
+
+    lists = list(values)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, lists), dtype=np.int64, count=n), out=offsets[1:])
+    dtype = np.bool_ if item == pa.bool_() else np.int32
+    flat = np.fromiter(chain.from_iterable(lists), dtype=dtype, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=item))
 
 
 class RowShards:

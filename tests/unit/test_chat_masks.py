@@ -10,6 +10,7 @@ import pytest
 from posttrain.prep.chat import (
     TemplateError,
     chat_examples,
+    chat_examples_batch,
     end_of_turn_token,
     fold_system_prompt,
     prompt_and_reference,
@@ -318,3 +319,32 @@ def test_a_refused_preference_or_prompt_row_is_named_by_file_and_line(tokenizer,
     gemma2 = tokenizer_for(tokenizer, _family("gemma2"))
     with pytest.raises(TemplateError, match=rf"{data_format}.jsonl line 2: .*System role not supported"):
         prepare_split(gemma2, str(data), recipe, tmp_path, "train")
+
+
+@pytest.mark.parametrize("last_turn_only", [False, True])
+@pytest.mark.parametrize("family", [*REAL, *WORKING, MARKERS_OUTSIDE_EOT], ids=lambda f: f.name)
+def test_a_batch_of_conversations_gives_each_the_examples_of_its_own(tokenizer, family, last_turn_only) -> None:
+    # prepare renders and tokenizes a marker template's rows together: the ids and masks must be
+    # those each conversation gets alone.
+    tok = tokenizer_for(tokenizer, family)
+    conversations = [_messages(family, c) for c in (MULTI_TURN, MULTI_TURN[:3], CONVERSATION, MULTI_TURN[1:5])]
+    alone = [chat_examples(tok, c, last_turn_only) for c in conversations]
+    assert chat_examples_batch(tok, conversations, last_turn_only) == alone
+    assert chat_examples_batch(tok, conversations[:1], last_turn_only) == alone[:1]
+
+
+def test_a_row_refused_inside_a_batch_is_named_by_its_line(tokenizer, tmp_path) -> None:
+    from posttrain.prep.prepare import prepare_chat
+    from posttrain.recipe import load_recipe
+    from tests.conftest import write_recipe
+
+    strict = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                            "{% endif %}" + tokenizer_for(tokenizer, WORKING[-1]).chat_template)
+    assert "{% generation %}" in strict.chat_template  # the batched path
+    rows = [MULTI_TURN[1:], MULTI_TURN[1:3], MULTI_TURN, MULTI_TURN[1:]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    recipe = load_recipe(write_recipe(tmp_path, data={"train": str(data), "eval": str(data), "max_seq_len": 512}))
+    with pytest.raises(TemplateError, match=r"chat.jsonl line 3: .*System role not supported"):
+        prepare_chat(strict, str(data), recipe, tmp_path / "out", "train")

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from posttrain.prep.packing import IGNORE, best_fit_decreasing, pack, shifted_labels
+from posttrain.prep.packing import IGNORE, best_fit_decreasing, pack, pack_columns, shifted_labels
 
 
 def test_best_fit_decreasing_places_every_item_once_within_capacity() -> None:
@@ -38,6 +38,29 @@ def test_blocks_restart_positions_and_labels_stay_inside_documents() -> None:
     # label i is the target of position i; the last token of a document predicts nothing.
     assert block.labels == [IGNORE, 12, 13, IGNORE, 21, 22, IGNORE, 31, IGNORE, IGNORE, IGNORE, IGNORE]
     assert shifted_labels([1, 2], [True, True]) == [2, IGNORE]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_packed_columns_are_the_blocks_value_for_value(enabled: bool) -> None:
+    # The shards are written from pack_columns; the blocks it describes must be pack's, exactly.
+    rng = random.Random(1)
+    docs = []
+    for _ in range(300):
+        n = rng.choice([1, 2, rng.randrange(1, 64), 64])
+        docs.append(([rng.randrange(5000) for _ in range(n)], [rng.random() < 0.5 for _ in range(n)]))
+    rows = [rng.randrange(1000) for _ in docs]
+    for with_rows in (rows, None):
+        blocks = pack(docs, block_size=64, pad_id=3, enabled=enabled, rows=with_rows)
+        cols = pack_columns(docs, block_size=64, pad_id=3, enabled=enabled, rows=with_rows)
+        tok, doc = cols.block_offsets.tolist(), cols.doc_offsets.tolist()
+        assert len(tok) == len(doc) == len(blocks) + 1
+        for b, block in enumerate(blocks):
+            for name in ("input_ids", "labels", "position_ids"):
+                assert getattr(cols, name)[tok[b]:tok[b + 1]].tolist() == getattr(block, name), (b, name)
+            for name in ("doc_lens", "doc_rows"):
+                assert getattr(cols, name)[doc[b]:doc[b + 1]].tolist() == getattr(block, name), (b, name)
+    empty = pack_columns([], block_size=64, pad_id=3, enabled=enabled)
+    assert empty.block_offsets.tolist() == [0] and empty.input_ids.size == 0
 
 
 @pytest.mark.parametrize("backend", ["posttrain_docs", "sdpa"])

@@ -4,8 +4,9 @@ output as the local one, byte for byte (manifest and shards).
 Chat data, in three steps:
 1. plan: each JSONL file is cut into byte ranges that start at a line (the driver seeks; it reads
    no more than one line per cut);
-2. tokenize (Ray Data, one task per range, in parallel): every line of a range goes through the same
-   `ChatCounts.documents` the local prepare uses (chat template, masks, truncation); a range returns
+2. tokenize (Ray Data, one task per range, in parallel): the lines of a range go through the same
+   `ChatCounts.documents_batch` the local prepare uses, `BATCH_ROWS` at a time (chat template,
+   masks, truncation; a batch that fails goes again row by row); a range returns
    its documents, their lengths and its counts. A row the template refuses is returned as an error
    with its line, and the driver raises it for the first such line of the file, as the local
    prepare does;
@@ -31,6 +32,7 @@ import ray.data
 from posttrain.data_config import DataConfig
 from posttrain.prep.chat import TemplateError
 from posttrain.prep.prepare import (
+    BATCH_ROWS,
     ChatCounts,
     block_pad_id,
     chat_stats,
@@ -93,18 +95,26 @@ def tokenize_chunk(chunk: dict[str, Any], tokenizer_uri: str, data: dict[str, An
         lines.pop()  # the file's line iteration gives no line after a final newline
     counts, ids, masks, doc_lines = ChatCounts(), [], [], []
     error, error_line = "", -1
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    rows = [(lineno, line) for lineno, line in enumerate(lines, 1) if line.strip()]
+    for start in range(0, len(rows), BATCH_ROWS):  # rendered and tokenized together, as the local prepare does
+        batch = rows[start:start + BATCH_ROWS]
         try:
-            docs = counts.documents(tokenizer, json.loads(line), config)
-        except TemplateError as exc:
-            error, error_line = str(exc), lineno
+            per_row = counts.documents_batch(tokenizer, [json.loads(line) for _, line in batch], config)
+        except Exception:  # row by row, so the error is the row's own (the counts are untouched)
+            per_row = []
+            for lineno, line in batch:
+                try:
+                    per_row.append(counts.documents(tokenizer, json.loads(line), config))
+                except TemplateError as exc:
+                    error, error_line = str(exc), lineno
+                    break
+        for (lineno, _), docs in zip(batch, per_row, strict=False):  # shorter after a refused row
+            for doc_ids, mask in docs:
+                ids.append(doc_ids)
+                masks.append(mask)
+                doc_lines.append(lineno)
+        if error:
             break
-        for doc_ids, mask in docs:
-            ids.append(doc_ids)
-            masks.append(mask)
-            doc_lines.append(lineno)
     return {"index": chunk["index"], "n_lines": len(lines), "error": error, "error_line": error_line,
             **{name: getattr(counts, name) for name in COUNTS},
             "doc_lens": [len(d) for d in ids], "doc_lines": doc_lines,

@@ -45,7 +45,7 @@ SFT_DAG = "posttrain__tiny-sft"
 RAY_DAG = "posttrain__tiny-sft-ray"
 # tiny-sft on the existing cluster with `promotion.approval: required` (tests/deployment/test_approval.py).
 APPROVAL_DAG = "posttrain__tiny-sft-approval"
-APPROVAL_TIMEOUT_S = 30
+APPROVAL_TIMEOUT_S = 20
 # A dashboard in front of the existing cluster's that can be made to fail (tests/deployment/flaky_proxy.py).
 FLAKY_RAY_CONN = "ray_flaky"
 JOB_TIMEOUT_S = 60

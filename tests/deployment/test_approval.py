@@ -2,8 +2,8 @@
 API's human-in-the-loop endpoints, as a reviewer answers it: approve → promote runs; reject →
 promote is skipped with the reviewer and reason in decision.json; no answer within
 `promotion.approval_timeout` → not promoted. One DAG (tiny-sft on the existing Ray cluster), three
-runs: the first approved, then the second and third side by side (both compare with the first's
-champion)."""
+runs: the first approved and the third left unanswered side by side, then the second (which
+compares with the first's champion) rejected."""
 
 from __future__ import annotations
 
@@ -55,8 +55,10 @@ def _workspace(deployment: Deployment, run_id: str) -> Path:
 
 
 def test_approve_reject_and_no_answer(deployment: Deployment) -> None:
-    # 1. Approve: promote runs and the first champion is the approved run.
-    first, request = _start_and_wait_for_gate(deployment)
+    # 1. Approve: promote runs and the first champion is the approved run. (The third run starts
+    # beside it: no one will answer its gate.)
+    first, third = deployment.trigger(APPROVAL_DAG, {}), deployment.trigger(APPROVAL_DAG, {})
+    request = _wait_for_gate(deployment, first)
     assert request["options"] == ["Approve", "Reject"] and request["defaults"] == ["Reject"]
     assert "eval_loss" in request["body"] and "champion**: none yet" in request["body"]
     _answer(deployment, first, "Approve", "looks fine")
@@ -67,9 +69,7 @@ def test_approve_reject_and_no_answer(deployment: Deployment) -> None:
     assert decision["promoted"] and decision["approval"]["reviewer"] == deployment.username
 
     # 2. Reject: the reviewer saw the paired comparison with the champion; promote is skipped.
-    # (The third run starts beside it: no one will answer its gate.)
-    second, third = deployment.trigger(APPROVAL_DAG, {}), deployment.trigger(APPROVAL_DAG, {})
-    request = _wait_for_gate(deployment, second)
+    second, request = _start_and_wait_for_gate(deployment)
     assert "paired difference" in request["body"] and "interval [" in request["body"], request["body"]
     assert "| example | challenger | champion |" in request["body"]
     _answer(deployment, second, "Reject", "answers too short")

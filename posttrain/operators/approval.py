@@ -93,7 +93,7 @@ class PromotionApprovalOperator(ApprovalOperator):
             self._record(event)
         return super().execute_complete(context, event)
 
-    def _record(self, event: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, event: dict[str, Any]) -> None:
         """approval.json (who answered what, or that no one did), and for anything but Approve the
         run's decision.json: not promoted, by whom and why."""
         approved = event["chosen_options"] == [self.APPROVE]
@@ -114,4 +114,3 @@ class PromotionApprovalOperator(ApprovalOperator):
                         "rule_reason": review["decision"]["reason"], "rule_promoted": review["decision"]["promoted"]}
             self.storage.write_json_atomic(f"{self.workspace}/promotion/decision.json", decision)
             self.log.info("promotion: %s", reason)
-        return record

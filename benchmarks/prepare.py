@@ -11,7 +11,8 @@ Arms, each in its own process (peak memory is that process tree's summed RSS, sa
 for Ray it includes the head's own daemons):
 - local: `posttrain.prep.prepare.prepare`, pinned to one core;
 - ray1 / ray2: `posttrain.training_lib.data.ray_prepare.run` (Ray Data) on a local Ray started with
-  num_cpus 1 / 2 (the clock starts after ray.init);
+  num_cpus 1 / 2, the whole arm (driver, Ray's daemons, workers) pinned to 1 / 2 cores, on 127.0.0.1
+  (the clock starts after ray.init);
 - trl: `datasets.Dataset.map` with `apply_chat_template(..., return_assistant_tokens_mask=True)`,
   then `trl.data_utils.pack_dataset(..., strategy="bfd")`, pinned to one core (num_proc 1).
 
@@ -118,7 +119,12 @@ def arm(name: str, work: Path, data: Path, tokenizer: Path) -> dict:
 
         from posttrain.training_lib.data import ray_prepare
 
-        ray.init(num_cpus=int(name[-1]), include_dashboard=False, _temp_dir=str(work / "ray"),
+        # A cluster of n CPUs is n cores: the driver, Ray's daemons and the workers all run on the
+        # first n (unpinned, a 1-CPU cluster's tokenizer threads would use the machine's other core).
+        cpus = int(name[-1])
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cpus]))
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only (see ENVIRONMENT.md)
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(work / "ray"),
                  logging_level="ERROR", log_to_driver=False)
         out.mkdir(parents=True)
         start = time.perf_counter()

@@ -112,12 +112,18 @@ def pack_columns(docs: Sequence[tuple[Sequence[int], Sequence[bool]]], block_siz
                  enabled: bool = True, rows: Sequence[int] | None = None) -> PackedColumns:
     """`pack`, the same blocks value for value, computed on whole arrays (a shard's labels and
     positions built token by token in Python cost more than tokenizing its rows)."""
-    lengths, ids, trains = flat_documents(docs)
+    return pack_flat(*flat_documents(docs), block_size, pad_id, enabled=enabled, rows=rows)
+
+
+def pack_flat(lengths: np.ndarray, ids: np.ndarray, trains: np.ndarray, block_size: int, pad_id: int,
+              enabled: bool = True, rows: Sequence[int] | np.ndarray | None = None) -> PackedColumns:
+    """`pack_columns` of documents given end to end (see flat_documents)."""
+    docs = range(lengths.size)
     if lengths.size and lengths.min() == 0:
         raise ValueError("a document without tokens cannot be packed")
     groups = best_fit_decreasing(lengths.tolist(), block_size) if enabled else [[i] for i in range(len(docs))]
     order = np.fromiter(chain.from_iterable(groups), dtype=np.int64, count=len(docs))
-    doc_offsets = _offsets(np.fromiter(map(len, groups), dtype=np.int64, count=len(groups)))
+    doc_offsets = offsets_of(np.fromiter(map(len, groups), dtype=np.int64, count=len(groups)))
     # Labels in document order: the next token where it trains; a document's last token predicts nothing.
     starts = np.cumsum(lengths) - lengths
     labels = np.full(ids.size, IGNORE, dtype=np.int32)
@@ -127,7 +133,7 @@ def pack_columns(docs: Sequence[tuple[Sequence[int], Sequence[bool]]], block_siz
     sizes = lengths[order]
     block_tokens = np.add.reduceat(sizes, doc_offsets[:-1]) if groups else np.zeros(0, dtype=np.int64)
     pad = np.maximum(block_size - block_tokens, 0)
-    block_offsets = _offsets(block_tokens + pad)
+    block_offsets = offsets_of(block_tokens + pad)
     in_order = np.arange(sizes.sum()) + np.repeat(starts[order] - (np.cumsum(sizes) - sizes), sizes)
     block_of_doc = np.repeat(np.arange(len(groups)), np.diff(doc_offsets))
     dest = np.arange(in_order.size) + np.repeat((np.cumsum(pad) - pad)[block_of_doc], sizes)
@@ -135,7 +141,7 @@ def pack_columns(docs: Sequence[tuple[Sequence[int], Sequence[bool]]], block_siz
     out_labels = np.full(block_offsets[-1], IGNORE, dtype=np.int32)
     out_ids[dest], out_labels[dest] = ids[in_order], labels[in_order]
     # Positions restart at every document and at the padding (a document of its own).
-    seg_starts = np.concatenate([dest[_offsets(sizes)[:-1]], block_offsets[:-1] + block_tokens])
+    seg_starts = np.concatenate([dest[offsets_of(sizes)[:-1]], block_offsets[:-1] + block_tokens])
     seg_lens = np.concatenate([sizes, pad])
     by_start = np.argsort(seg_starts, kind="stable")
     seg_starts, seg_lens = seg_starts[by_start], seg_lens[by_start]
@@ -145,6 +151,6 @@ def pack_columns(docs: Sequence[tuple[Sequence[int], Sequence[bool]]], block_siz
                          sizes.astype(np.int32), doc_rows, doc_offsets.astype(np.int32))
 
 
-def _offsets(sizes: np.ndarray) -> np.ndarray:
+def offsets_of(sizes: np.ndarray) -> np.ndarray:
     """[0, s0, s0 + s1, ...]: where each of consecutive runs of `sizes` starts, and the end."""
     return np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes, dtype=np.int64)])

@@ -19,7 +19,7 @@ import fsspec
 
 from posttrain.data_config import DataConfig
 from posttrain.prep.chat import TemplateError, Tokenized, chat_examples, chat_examples_batch, fold_system_prompt
-from posttrain.prep.formats import prepare_preference, prepare_prompts
+from posttrain.prep.formats import PreferenceRows, PromptRows, RowFormat, prepare_rows
 from posttrain.prep.shards import ChatShards
 from posttrain.prep.tokenizer import ModelFs, TokenizerMismatch, load_tokenizer, tokenizer_fingerprint
 from posttrain.recipe import Recipe
@@ -90,23 +90,25 @@ def check_overlong(uri: str, stats: dict, data: DataConfig) -> None:
             f"{data.validation.max_overlong_fraction:.1%}: raise max_seq_len or the fraction, or filter the data")
 
 
+def row_format(recipe: Recipe) -> RowFormat:
+    """The preference or prompt format of the recipe's data, as its settings make it."""
+    data = recipe.data
+    if data.format == "preference":
+        return PreferenceRows(data.max_seq_len, data.packing.overlong, data.fold_system_prompt)
+    # A prompt must leave room for the completions RL samples (max_seq_len bounds the prompt).
+    return PromptRows(data.max_seq_len, min_new_tokens=1 if recipe.grpo is None else 0,
+                      fold_system=data.fold_system_prompt)
+
+
 def prepare_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
                   open_binary: Opener | None = None) -> dict:
-    data = recipe.data
-    rows = Rows(uri, open_binary)
-    if data.format == "preference":
-        with rows.at_row():
-            stats = prepare_preference(tokenizer, rows, data.max_seq_len, data.packing.overlong, out_dir, split,
-                                       fold_system=data.fold_system_prompt)
-    elif data.format == "prompt":
-        # A prompt must leave room for the completions RL samples (max_seq_len bounds the prompt).
-        with rows.at_row():
-            stats = prepare_prompts(tokenizer, rows, data.max_seq_len, out_dir, split,
-                                    min_new_tokens=1 if recipe.grpo is None else 0,
-                                    fold_system=data.fold_system_prompt)
-    else:
+    if recipe.data.format == "chat":
         stats = prepare_chat(tokenizer, uri, recipe, out_dir, split, open_binary)
-    check_overlong(uri, stats, data)
+    else:
+        rows = Rows(uri, open_binary)
+        with rows.at_row():
+            stats = prepare_rows(row_format(recipe), tokenizer, rows, out_dir, split)
+    check_overlong(uri, stats, recipe.data)
     return stats
 
 

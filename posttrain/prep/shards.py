@@ -11,14 +11,12 @@ exactly as before (one window).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from posttrain.prep.packing import best_fit_decreasing, pack_columns
+from posttrain.prep.packing import best_fit_decreasing, flat_documents, offsets_of, pack_flat
 from posttrain.storage_fs import Store
 
 BLOCKS_PER_SHARD = 1024
@@ -67,9 +65,9 @@ class ChatShards:
                            packing=self.packing, max_len=self.max_len)
 
     def _flush(self) -> None:
-        name, blocks = write_chat_shard(self.out_dir, self.split, len(self.names), self.window, self.rows,
-                                        documents=self.documents_layout, max_len=self.max_len, pad_id=self.pad_id,
-                                        packing=self.packing)
+        name, blocks = write_chat_shard(self.out_dir, self.split, len(self.names), *flat_documents(self.window),
+                                        np.asarray(self.rows, dtype=np.int32), documents=self.documents_layout,
+                                        max_len=self.max_len, pad_id=self.pad_id, packing=self.packing)
         self.blocks += blocks
         self.names.append(name)
         self.window, self.rows, self.window_tokens = [], [], 0
@@ -83,21 +81,23 @@ def window_full(documents_in_window: int, window_tokens: int, *, documents: bool
     return window_tokens >= BLOCKS_PER_SHARD * max_len
 
 
-def write_chat_shard(out_dir: Path | Store, split: str, index: int, window: list[tuple[list[int], list[bool]]],
-                     rows: list[int], *, documents: bool, max_len: int, pad_id: int, packing: bool) -> tuple[str, int]:
-    """Pack (or, for the streaming layout, keep) one window's documents and write shard `index`;
-    returns its name relative to the workspace and its block count (what offline packing gives)."""
+def write_chat_shard(out_dir: Path | Store, split: str, index: int, lengths: np.ndarray, ids: np.ndarray,
+                     trains: np.ndarray, rows: np.ndarray, *, documents: bool, max_len: int, pad_id: int,
+                     packing: bool) -> tuple[str, int]:
+    """Pack (or, for the streaming layout, keep) one window's documents, given end to end (see
+    flat_documents), and write shard `index`; returns its name relative to the workspace and its
+    block count (what offline packing gives). `rows`: each document's source line."""
     import pyarrow as pa
 
     if documents:
         # Unpacked; the block count is what offline packing would give (the manifest reports it).
-        lengths = [len(ids) for ids, _ in window]
-        n_blocks = len(best_fit_decreasing(lengths, max_len)) if packing else len(lengths)
-        table = pa.table({"input_ids": _list_column((d[0] for d in window), len(window), pa.int32()),
-                          "assistant_mask": _list_column((d[1] for d in window), len(window), pa.bool_())})
+        n_blocks = len(best_fit_decreasing(lengths.tolist(), max_len)) if packing else int(lengths.size)
+        offsets = pa.array(offsets_of(lengths).astype(np.int32))
+        table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, type=pa.int32())),
+                          "assistant_mask": pa.ListArray.from_arrays(offsets, pa.array(trains, type=pa.bool_()))})
         name = f"{split}-docs-{index:05d}.parquet"
     else:
-        cols = pack_columns(window, max_len, pad_id, enabled=packing, rows=rows)
+        cols = pack_flat(lengths, ids, trains, max_len, pad_id, enabled=packing, rows=rows)
         n_blocks = len(cols.block_offsets) - 1
         blocks, docs = pa.array(cols.block_offsets), pa.array(cols.doc_offsets)
         table = pa.table({
@@ -110,19 +110,6 @@ def write_chat_shard(out_dir: Path | Store, split: str, index: int, window: list
         name = f"{split}-{index:05d}.parquet"
     write_table(table, out_dir / name)
     return f"data/{name}", n_blocks
-
-
-def _list_column(values: Iterable[list], n: int, item: Any) -> Any:
-    """A list<item> column of `n` Python lists, built from their values end to end and the offsets
-    (what pa.array makes of the lists, without its per-element conversion)."""
-    import pyarrow as pa
-
-    lists = list(values)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(np.fromiter(map(len, lists), dtype=np.int64, count=n), out=offsets[1:])
-    dtype = np.bool_ if item == pa.bool_() else np.int32
-    flat = np.fromiter(chain.from_iterable(lists), dtype=dtype, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=item))
 
 
 class RowShards:
@@ -148,12 +135,26 @@ class RowShards:
             self._flush()
 
     def _flush(self) -> None:
-        import pyarrow as pa
-
-        types = {"ids": pa.list_(pa.int32()), "mask": pa.list_(pa.bool_()), "text": pa.string()}
-        table = pa.table({name: pa.array(column, type=types[self.kinds[name]])
-                          for name, column in self.window.items()})
-        name = f"{self.prefix}-{len(self.names):05d}.parquet"
-        write_table(table, self.out_dir / name)
-        self.names.append(f"data/{name}")
+        self.names.append(write_row_shard(self.out_dir, self.prefix, len(self.names), self.kinds, self.window))
         self.window = {name: [] for name in self.kinds}
+
+
+def row_column_types(kinds: dict[str, str]) -> dict[str, Any]:
+    import pyarrow as pa
+
+    types = {"ids": pa.list_(pa.int32()), "mask": pa.list_(pa.bool_()), "text": pa.string()}
+    return {name: types[kind] for name, kind in kinds.items()}
+
+
+def write_row_shard(out_dir: Path | Store, prefix: str, index: int, kinds: dict[str, str],
+                    columns: dict[str, Any]) -> str:
+    """Shard `index` of a row layout from its columns (Python lists or Arrow arrays of the kinds'
+    types); returns its name relative to the workspace."""
+    import pyarrow as pa
+
+    types = row_column_types(kinds)
+    table = pa.table({name: columns[name] if isinstance(columns[name], pa.Array | pa.ChunkedArray)
+                      else pa.array(columns[name], type=types[name]) for name in kinds})
+    name = f"{prefix}-{index:05d}.parquet"
+    write_table(table.combine_chunks(), out_dir / name)
+    return f"data/{name}"

@@ -4,7 +4,7 @@ The workspace holds `recipe.json` (written by the DAG's first task) and everythi
 stages produced, so a stage needs nothing else. It is a file:// folder or an s3:// prefix: on an
 object store the job reads the recipe, the prepared data and the checkpoints from there, works in a
 node-local staging folder for the rest and uploads its outputs at the end (storage_fs.job_workspace);
-the evaluate job first downloads the export there when the node lacks it.
+the evaluate job loads the export through the node's model cache (evaluation.run.exported).
 Never imports airflow.
 """
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from posttrain.recipe import Recipe
-from posttrain.storage_fs import Store, fetch, job_workspace, publish
+from posttrain.storage_fs import Store, job_workspace, publish
 
 STAGES = ("prepare", "train", "evaluate")
 
@@ -32,14 +32,9 @@ def workspace_recipe(uri: str) -> Recipe:
     return Recipe.model_validate(recipe_file.read_json())
 
 
-def load_workspace(uri: str, stage: str = "train") -> tuple[Recipe, Path]:
+def load_workspace(uri: str) -> tuple[Recipe, Path]:
     """The recipe and the job's local folder for the workspace `uri`."""
-    recipe, workspace = workspace_recipe(uri), job_workspace(uri)
-    if stage == "evaluate":
-        # vLLM and transformers load the export from a local folder: a node that did not train
-        # brings it from the store into its staging folder (once; no cache shared across runs yet).
-        fetch(workspace, "model", "adapter")
-    return recipe, workspace
+    return workspace_recipe(uri), job_workspace(uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         result = ray_prepare.run(workspace_recipe(args.workspace), args.workspace, args.chunk_bytes)
         print(f"posttrain prepare finished: {json.dumps(result)}", flush=True)
         return 0
-    recipe, workspace = load_workspace(args.workspace, args.stage)
+    recipe, workspace = load_workspace(args.workspace)
     # Dispatch: a stage imports only what it runs (here, not at the top); one trainer module per
     # paradigm (trainers/sft.py, trainers/dpo.py, …), each with run().
     if args.stage == "train":

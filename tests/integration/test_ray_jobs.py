@@ -130,10 +130,12 @@ def test_jobs_keep_their_temp_files_in_the_repo(cluster: dict[str, Any]) -> None
     assert f"tmp={posttrain_home() / 'tmp'}" in event["log_tail"]
 
 
-def test_prepare_on_ray_writes_the_local_bytes(cluster: dict[str, Any], tmp_path, tiny_model) -> None:
+@pytest.mark.parametrize("data_format", ["chat", "preference"])
+def test_prepare_on_ray_writes_the_local_bytes(cluster: dict[str, Any], tmp_path, tiny_model, data_format: str) -> None:
     """`data.prepare: ray`: the prepare job (as RayPrepareDataOperator submits it, with ranges small
     enough that the sample data is tokenized by many Ray Data tasks) writes the manifest and shards
-    the local prepare writes, byte for byte."""
+    the local prepare writes, byte for byte: chat conversations, and preference pairs (prompts take
+    the same path; tests/unit/test_ray_prepare_plan.py covers both without Ray)."""
     import filecmp
     import json
     import time
@@ -141,16 +143,23 @@ def test_prepare_on_ray_writes_the_local_bytes(cluster: dict[str, Any], tmp_path
     from posttrain.hooks.ray import TERMINAL_STATES
     from posttrain.prep.prepare import prepare
     from posttrain.recipe import load_recipe
-    from tests.conftest import write_recipe
+    from tests.conftest import REPO, write_recipe
 
-    recipe = load_recipe(write_recipe(tmp_path, name="ray-prep", data={"prepare": "ray"}))
+    if data_format == "chat":
+        recipe = load_recipe(write_recipe(tmp_path, name="ray-prep", data={"prepare": "ray"}))
+    else:
+        pairs = REPO / "dags" / "data" / "tiny-preference"
+        recipe = load_recipe(write_recipe(tmp_path, name="ray-prep", paradigm="dpo", data={
+            "prepare": "ray", "format": "preference", "train": str(pairs / "train.jsonl"),
+            "eval": str(pairs / "eval.jsonl")}))
     prepare(recipe, tmp_path / "local")
     workspace = tmp_path / "on-ray"
     workspace.mkdir()
     (workspace / "recipe.json").write_text(recipe.model_dump_json())
     hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
     job = hook.submit_job(f"{cluster['python']} -m posttrain.training_lib.entrypoint prepare "
-                          f"--workspace file://{workspace} --chunk-bytes 4096", "prepare-on-ray", entrypoint_num_cpus=0)
+                          f"--workspace file://{workspace} --chunk-bytes 4096", f"prepare-on-ray-{data_format}",
+                          entrypoint_num_cpus=0)
     deadline = time.monotonic() + 180
     while (status := hook.get_job(job)["status"]) not in TERMINAL_STATES:
         assert time.monotonic() < deadline, "the prepare job did not finish in 180 s"

@@ -137,6 +137,12 @@ def test_killed_run_resumes_exactly_from_s3(tmp_path: Path, tiny_model: Path, s3
     status, logs = wait(hook, hook.submit_job(evaluate, "s3-evaluate"))
     assert status == "SUCCEEDED", logs[-3000:]
     assert (straight / "eval" / "metrics.json").read_json()["eval_loss"] > 0
+    # It loaded the export through this node's model cache (an entry fetched from the run's model/,
+    # checked against its commit.json), not into the run's staging folder.
+    fetched = [json.loads((e / model_cache.ENTRY).read_text())["uri"] for e in model_cache.cache_root().iterdir()
+               if (e / model_cache.ENTRY).is_file()]
+    assert f"{straight.uri}/model" in fetched
+    assert not (job_workspace(straight.uri) / "model").exists()
 
     # The secret is in no job's details (entrypoint, runtime_env, metadata) or logs, nor in the
     # workspace or the staging folder.

@@ -7,13 +7,14 @@ from __future__ import annotations
 import filecmp
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
 
 from posttrain.prep import shards
 from posttrain.prep.chat import TemplateError
-from posttrain.prep.prepare import prepare
+from posttrain.prep.prepare import prepare, row_format
 from posttrain.prep.tokenizer import load_tokenizer
 from posttrain.recipe import load_recipe
 from posttrain.storage_fs import Store
@@ -37,11 +38,19 @@ def test_ranges_start_at_lines_and_cover_the_file(tmp_path: Path) -> None:
 
 
 def ray_free(recipe, tokenizer, uri: str, out: Path, split: str, chunk_bytes: int) -> dict:
-    """prepare_chat_split's steps, each as the Ray task would run it, in this process."""
-    tables = [ray_prepare.tokenize_batch(pa.Table.from_pylist([chunk]), recipe.tokenizer_uri,
-                                         recipe.data.model_dump())
-              for chunk in ray_prepare.plan_chunks(uri, chunk_bytes)]
-    return ray_prepare.write_chat_split(tokenizer, uri, recipe, Store.at(out) / "data", split, tables,
+    """prepare_split_on_ray's steps, each as the Ray task would run it, in this process."""
+    chunks = ray_prepare.plan_chunks(uri, chunk_bytes)
+    if recipe.data.format == "chat":
+        tables = [ray_prepare.tokenize_batch(pa.Table.from_pylist([chunk]), ray_prepare.tokenize_chat_range,
+                                             tokenizer_uri=recipe.tokenizer_uri, data=recipe.data.model_dump())
+                  for chunk in chunks]
+        return ray_prepare.write_chat_split(tokenizer, uri, recipe, Store.at(out) / "data", split, tables,
+                                            [ray_prepare.summary(t) for t in tables], write=ray_prepare.write_window,
+                                            gather=list)
+    fmt = row_format(recipe)
+    tables = [ray_prepare.tokenize_batch(pa.Table.from_pylist([chunk]), ray_prepare.tokenize_rows_range,
+                                         tokenizer_uri=recipe.tokenizer_uri, fmt=fmt) for chunk in chunks]
+    return ray_prepare.write_rows_split(fmt, uri, Store.at(out) / "data", split, tables,
                                         [ray_prepare.summary(t) for t in tables], write=ray_prepare.write_window,
                                         gather=list)
 
@@ -80,3 +89,55 @@ def test_a_refused_row_is_named_by_its_line_in_the_file(tmp_path: Path, tokenize
     with pytest.raises(TemplateError) as on_ray:
         ray_free(recipe, gemma2, str(data), tmp_path / "ray", "train", chunk_bytes=500)
     assert f"{data} line 34: " in str(on_ray.value) and str(on_ray.value) == str(local.value)
+
+
+ROW_FORMATS = {"preference": {"paradigm": "dpo", "data": "tiny-preference"},
+               "prompt": {"paradigm": "grpo", "grpo": {"rewards": [{"name": "exact_match"}]}, "data": "tiny-prompts"}}
+
+
+def row_recipe(tmp_path: Path, data_format: str, **data: Any):
+    from tests.conftest import REPO
+
+    spec = dict(ROW_FORMATS[data_format])
+    folder = REPO / "dags" / "data" / spec.pop("data")
+    data = {"format": data_format, "train": str(folder / "train.jsonl"), "eval": str(folder / "eval.jsonl"), **data}
+    return load_recipe(write_recipe(tmp_path, data=data, **spec))
+
+
+@pytest.mark.parametrize("data_format", ["preference", "prompt"])
+def test_pairs_and_prompts_from_many_ranges_give_the_local_bytes(tmp_path: Path, tiny_model: Path, data_format: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preference pairs and RL prompts are tokenized range by range in parallel too: many ranges
+    and shards (a shard boundary inside a range and across ranges), same shards and manifest entry."""
+    monkeypatch.setattr(shards, "DOCS_PER_SHARD", 37)
+    # max_seq_len small enough that some rows are truncated or dropped: the counts add up across ranges.
+    recipe = row_recipe(tmp_path, data_format, max_seq_len=48 if data_format == "preference" else 40,
+                        validation={"max_overlong_fraction": 1.0})
+    manifest = prepare(recipe, tmp_path / "local")
+    tokenizer = load_tokenizer(recipe.tokenizer_uri)
+    for split, uri in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        stats = ray_free(recipe, tokenizer, uri, tmp_path / "ray", split, chunk_bytes=2500)
+        assert json.dumps(stats) == json.dumps(manifest["splits"][split])
+        assert stats["dropped_overlong"] + stats.get("truncated", 0) > 0
+        assert len(stats["shards"]) > (2 if split == "train" else 1)
+        for name in stats["shards"]:
+            assert filecmp.cmp(tmp_path / "local" / name, tmp_path / "ray" / name, shallow=False), name
+
+
+@pytest.mark.parametrize("data_format", ["preference", "prompt"])
+def test_a_refused_pair_or_prompt_is_named_by_its_line_in_the_file(tmp_path: Path, tokenizer, data_format: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.unit.test_chat_masks import _family, tokenizer_for
+
+    prompt = [{"role": "user", "content": "What is 2 plus 2?"}]
+    reply = [{"role": "assistant", "content": "4"}]
+    rows = [{"prompt": prompt, "chosen": reply, "rejected": reply, "answer": "4"}] * 60
+    rows[47] = {**rows[0], "prompt": [{"role": "system", "content": "Be brief."}, *prompt]}
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = row_recipe(tmp_path, data_format, train=str(data), eval=str(data))
+    gemma2 = tokenizer_for(tokenizer, _family("gemma2"))  # refuses a system turn
+    monkeypatch.setitem(ray_prepare._TOKENIZERS, recipe.tokenizer_uri, gemma2)
+    with pytest.raises(TemplateError) as on_ray:
+        ray_free(recipe, gemma2, str(data), tmp_path / "ray", "train", chunk_bytes=800)
+    assert f"{data} line 48: " in str(on_ray.value) and "System role not supported" in str(on_ray.value)

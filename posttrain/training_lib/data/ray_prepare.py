@@ -1,36 +1,42 @@
 """`data.prepare: ray`: the prepare stage as a Ray Data job on the run's cluster, with the same
-output as the local one, byte for byte (manifest and shards).
+output as the local one, byte for byte (manifest and shards), for every data format.
 
-Chat data, in three steps:
+Each split, in three steps:
 1. plan: each JSONL file is cut into byte ranges that start at a line (the driver seeks; it reads
    no more than one line per cut);
 2. tokenize (Ray Data, one task per range, in parallel): the lines of a range go through the same
-   `ChatCounts.documents_batch` the local prepare uses, `BATCH_ROWS` at a time (chat template,
-   masks, truncation; a batch that fails goes again row by row); a range returns
-   its documents, their lengths and its counts. A row the template refuses is returned as an error
-   with its line, and the driver raises it for the first such line of the file, as the local
-   prepare does;
-3. pack and write (one Ray task per output shard, in parallel): the driver cuts the documents, in
-   file order, into the same windows the local prepare streams into shards (`window_full`, from the
-   lengths alone), and each task packs its window and writes its Parquet shard (`write_chat_shard`)
-   straight to the workspace, file:// or s3://.
-The manifest is written last, by the driver. Preference and prompt data are prepared by the local
-functions in the job's driver (one process, on the cluster; their rows are not split up yet).
-Never imports airflow.
+   functions the local prepare uses: chat rows `BATCH_ROWS` at a time through
+   `ChatCounts.documents_batch` (chat template, masks, truncation; a batch that fails goes again
+   row by row), preference and prompt rows through their format's `record`. A range returns its
+   records (chat documents, pairs or prompts), their lengths and source lines, and its counts. A
+   row the template refuses is returned as an error with its line, and the driver raises it for the
+   first such line of the file, as the local prepare does;
+3. write (one Ray task per output shard, in parallel): the driver cuts the records, in file order,
+   into the same windows the local prepare streams into shards (`window_full`, from the lengths
+   alone), and each task gathers its window from the tokenized ranges (Arrow slices, no Python
+   lists), packs it where the layout packs, and writes its Parquet shard straight to the
+   workspace, file:// or s3://.
+The manifest is written last, by the driver. Never imports airflow.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 
 from posttrain.data_config import DataConfig
 from posttrain.prep.chat import TemplateError
+from posttrain.prep.formats import RowFormat
+from posttrain.prep.packing import flat_documents, offsets_of
 from posttrain.prep.prepare import (
     BATCH_ROWS,
     ChatCounts,
@@ -39,11 +45,11 @@ from posttrain.prep.prepare import (
     check_overlong,
     load_checked_tokenizer,
     manifest_for,
-    prepare_split,
+    row_format,
     split_uris,
     streaming_layout,
 )
-from posttrain.prep.shards import window_full, write_chat_shard
+from posttrain.prep.shards import row_column_types, window_full, write_chat_shard, write_row_shard
 from posttrain.prep.tokenizer import load_tokenizer
 from posttrain.recipe import Recipe
 from posttrain.storage_fs import Store
@@ -53,6 +59,7 @@ log = logging.getLogger(__name__)
 MIN_CHUNK_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 64 << 20
 COUNTS = ("rows", "examples", "expanded", "truncated", "dropped", "no_target")
+CHAT_COLUMNS = ("input_ids", "assistant_mask")
 _TOKENIZERS: dict[str, Any] = {}  # per worker process: a Ray worker runs many tokenize tasks
 
 
@@ -78,24 +85,39 @@ def plan_chunks(uri: str, chunk_bytes: int) -> list[dict[str, Any]]:
 
 
 def _tokenizer(uri: str) -> Any:
+    # Ray reserves one CPU for a tokenize task; the fast tokenizer's own thread pool would otherwise
+    # spread each batch over every core of the node, beside the node's other tasks (as Ray caps
+    # OMP_NUM_THREADS for the same reason). A cluster that sets it keeps its own setting.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if uri not in _TOKENIZERS:
         _TOKENIZERS[uri] = load_tokenizer(uri)
     return _TOKENIZERS[uri]
 
 
-def tokenize_chunk(chunk: dict[str, Any], tokenizer_uri: str, data: dict[str, Any]) -> dict[str, Any]:
-    """One byte range's documents and counts (see the module). Lines are numbered within the range."""
-    config = DataConfig.model_validate(data)
-    tokenizer = _tokenizer(tokenizer_uri)
+def _range_lines(chunk: dict[str, Any]) -> tuple[int, list[tuple[int, bytes]]]:
+    """The range's line count and its non-empty (line number within the range, line) pairs."""
     with Store.at(chunk["uri"]).open("rb") as fh:
         fh.seek(chunk["start"])
         raw = fh.read(chunk["end"] - chunk["start"])
     lines = raw.split(b"\n")
     if raw.endswith(b"\n"):
         lines.pop()  # the file's line iteration gives no line after a final newline
-    counts, ids, masks, doc_lines = ChatCounts(), [], [], []
+    return len(lines), [(lineno, line) for lineno, line in enumerate(lines, 1) if line.strip()]
+
+
+def _one_row(values: Any, item: Any) -> Any:
+    """`values` (an Arrow array or a Python list) as one list<item> value: a range is one row."""
+    values = values if isinstance(values, pa.Array) else pa.array(values, type=item)
+    return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+
+
+def tokenize_chat_range(chunk: dict[str, Any], tokenizer_uri: str, data: dict[str, Any]) -> pa.Table:
+    """One byte range's chat documents and counts, as one table row (see the module)."""
+    config = DataConfig.model_validate(data)
+    tokenizer = _tokenizer(tokenizer_uri)
+    n_lines, rows = _range_lines(chunk)
+    counts, docs, doc_lines = ChatCounts(), [], []
     error, error_line = "", -1
-    rows = [(lineno, line) for lineno, line in enumerate(lines, 1) if line.strip()]
     for start in range(0, len(rows), BATCH_ROWS):  # rendered and tokenized together, as the local prepare does
         batch = rows[start:start + BATCH_ROWS]
         try:
@@ -108,77 +130,140 @@ def tokenize_chunk(chunk: dict[str, Any], tokenizer_uri: str, data: dict[str, An
                 except TemplateError as exc:
                     error, error_line = str(exc), lineno
                     break
-        for (lineno, _), docs in zip(batch, per_row, strict=False):  # shorter after a refused row
-            for doc_ids, mask in docs:
-                ids.append(doc_ids)
-                masks.append(mask)
-                doc_lines.append(lineno)
+        for (lineno, _), row_docs in zip(batch, per_row, strict=False):  # shorter after a refused row
+            docs.extend(row_docs)
+            doc_lines.extend([lineno] * len(row_docs))
         if error:
             break
-    return {"index": chunk["index"], "n_lines": len(lines), "error": error, "error_line": error_line,
-            **{name: getattr(counts, name) for name in COUNTS},
-            "doc_lens": [len(d) for d in ids], "doc_lines": doc_lines,
-            "assistant_tokens": sum(sum(m[1:]) for m in masks), "input_ids": ids, "assistant_mask": masks}
+    lengths, ids, trains = flat_documents(docs)
+    offsets = pa.array(offsets_of(lengths).astype(np.int32))
+    return _range_table(chunk, n_lines, error, error_line, {name: getattr(counts, name) for name in COUNTS},
+                        lengths, doc_lines, assistant_tokens=int(trains.sum() - trains[offsets_of(lengths)[:-1]].sum()),
+                        input_ids=pa.ListArray.from_arrays(offsets, pa.array(ids, type=pa.int32())),
+                        assistant_mask=pa.ListArray.from_arrays(offsets, pa.array(trains, type=pa.bool_())))
 
 
-def tokenize_batch(batch: Any, tokenizer_uri: str, data: dict[str, Any]) -> Any:
-    import pyarrow as pa
+def tokenize_rows_range(chunk: dict[str, Any], tokenizer_uri: str, fmt: RowFormat) -> pa.Table:
+    """One byte range's preference pairs or prompts and counts, as one table row (see the module)."""
+    tokenizer = _tokenizer(tokenizer_uri)
+    fmt = fmt.fresh()
+    n_lines, rows = _range_lines(chunk)
+    columns: dict[str, list] = {name: [] for name in fmt.kinds}
+    lengths, lines = [], []
+    error, error_line = "", -1
+    for lineno, line in rows:
+        try:
+            record = fmt.record(tokenizer, json.loads(line))
+        except TemplateError as exc:
+            error, error_line = str(exc), lineno
+            break
+        if record is not None:
+            for name, column in columns.items():
+                column.append(record[name])
+            lengths.append(1)
+            lines.append(lineno)
+    types = row_column_types(fmt.kinds)
+    return _range_table(chunk, n_lines, error, error_line, fmt.counts, np.asarray(lengths, dtype=np.int64), lines,
+                        **{name: pa.array(column, type=types[name]) for name, column in columns.items()})
 
-    out = [tokenize_chunk(chunk, tokenizer_uri, data) for chunk in batch.to_pylist()]
-    ints, bools = pa.list_(pa.int32()), pa.list_(pa.bool_())
-    types = {"doc_lens": ints, "doc_lines": ints, "input_ids": pa.list_(ints), "assistant_mask": pa.list_(bools)}
-    return pa.table({name: pa.array([o[name] for o in out], type=types.get(name)) for name in out[0]})
+
+def _range_table(chunk: dict[str, Any], n_lines: int, error: str, error_line: int, counts: dict[str, int],
+                 lengths: np.ndarray, lines: list[int], assistant_tokens: int = 0, **records: Any) -> pa.Table:
+    """A tokenized range: its summary (index, lines, error, counts, record lengths and source lines)
+    and its records' columns, each one list value."""
+    small = {"index": chunk["index"], "n_lines": n_lines, "error": error, "error_line": error_line, **counts,
+             "assistant_tokens": assistant_tokens}
+    return pa.table({**{name: [value] for name, value in small.items()},
+                     "doc_lens": _one_row(pa.array(lengths.astype(np.int32)), pa.int32()),
+                     "doc_lines": _one_row(lines, pa.int32()),
+                     **{name: _one_row(values, None) for name, values in records.items()}})
 
 
-def prepare_chat_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
-                       chunk_bytes: int | None = None) -> dict:
+def tokenize_batch(batch: pa.Table, fn: Any, **kwargs: Any) -> pa.Table:
+    """Ray Data's batch: ranges (usually one) → their tokenized rows."""
+    return pa.concat_tables([fn(chunk, **kwargs) for chunk in batch.to_pylist()])
+
+
+def _tokenized(uri: str, recipe: Recipe, chunk_bytes: int | None, fn: Any, **kwargs: Any) -> tuple[list, list]:
+    """The split's ranges tokenized by Ray Data: the tables (object refs, left in the object store)
+    and their summaries (fetched by the driver; they hold no records)."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     source = Store.at(uri)
     chunks = plan_chunks(uri, chunk_bytes or chunk_size(source.fs.size(source.path), cpus))
     tokenized = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
                  .map_batches(tokenize_batch, batch_size=1, batch_format="pyarrow",
-                              fn_kwargs={"tokenizer_uri": recipe.tokenizer_uri, "data": recipe.data.model_dump()})
+                              fn_kwargs={"fn": fn, "tokenizer_uri": recipe.tokenizer_uri, **kwargs})
                  .materialize())
     refs = tokenized.to_arrow_refs()
-    # The driver takes the small columns only; the documents stay in the object store.
-    small = ray.get([_summary.remote(ref) for ref in refs])
-    return write_chat_split(tokenizer, uri, recipe, out_dir, split, refs, small,
-                            write=lambda *args: _write_window.remote(*args), gather=ray.get)
+    return refs, ray.get([_summary.remote(ref) for ref in refs])
+
+
+@dataclass
+class Ranges:
+    """The tokenized ranges of one split in file order: where each range's row is (`where`: table,
+    row; Ray Data may put several ranges in one table), its summary, and the line its file starts
+    it at."""
+    where: dict[int, tuple[int, int]]
+    summaries: list[dict]
+
+    @classmethod
+    def of(cls, uri: str, small: list[list[dict]]) -> Ranges:
+        where, by_index = {}, {}
+        for pos, rows in enumerate(small):
+            for row_no, row in enumerate(rows):
+                where[row["index"]], by_index[row["index"]] = (pos, row_no), row
+        summaries, first_line = [], 0
+        for i in range(len(by_index)):
+            s = by_index[i]
+            if s["error"]:  # the first row of the file the template refuses, as the local prepare names it
+                raise TemplateError(f"{uri} line {first_line + s['error_line']}: {s['error']}")
+            s["first_line"] = first_line
+            first_line += s["n_lines"]
+            summaries.append(s)
+        return cls(where, summaries)
+
+    def total(self, name: str) -> int:
+        return sum(s[name] if not isinstance(s[name], list) else sum(s[name]) for s in self.summaries)
+
+    def write_all(self, tables: list[Any], layout: dict[str, Any], write: Any, gather: Any, out_uri: str,
+                  split: str, columns: tuple[str, ...], **kwargs: Any) -> list[tuple[str, int]]:
+        """Cut the records into the local prepare's windows and `write` each (`write_window` as a Ray
+        task); `gather` waits for the (name, blocks) each returns."""
+        windows = plan_windows([s["doc_lens"] for s in self.summaries], layout)
+        return gather([write(out_uri, split, index, layout, pieces, columns,
+                             [self.summaries[c]["first_line"] for c, _, _ in pieces],
+                             [self.where[c][1] for c, _, _ in pieces],
+                             *[tables[self.where[c][0]] for c, _, _ in pieces], **kwargs)
+                       for index, pieces in enumerate(windows)])
 
 
 def write_chat_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str, tables: list[Any],
                      small: list[list[dict]], write: Any, gather: Any) -> dict:
     """From the tokenized ranges (`tables`, as Ray object refs, and their `summary` rows) to the
-    written shards and the split's manifest entry. `write` runs `write_window` (as a Ray task) and
-    `gather` waits for what it returns."""
-    data = recipe.data
-    where: dict[int, tuple[int, int]] = {}  # range index → (table, row); Ray Data may put several in a table
-    summaries: dict[int, dict] = {}
-    for pos, rows in enumerate(small):
-        for row_no, row in enumerate(rows):
-            where[row["index"]], summaries[row["index"]] = (pos, row_no), row
-    counts, first_line = ChatCounts(), 0
-    for i in range(len(summaries)):
-        s = summaries[i]
-        if s["error"]:  # the first row of the file the template refuses, as the local prepare names it
-            raise TemplateError(f"{uri} line {first_line + s['error_line']}: {s['error']}")
-        for name in COUNTS:
-            setattr(counts, name, getattr(counts, name) + s[name])
-        s["first_line"] = first_line
-        first_line += s["n_lines"]
+    written shards and the split's manifest entry."""
+    data, ranges = recipe.data, Ranges.of(uri, small)
+    counts = ChatCounts(**{name: ranges.total(name) for name in COUNTS})
     streaming = streaming_layout(recipe, split)
     layout = {"documents": streaming, "max_len": data.max_seq_len, "pad_id": block_pad_id(tokenizer),
               "packing": data.packing.enabled}
-    windows = plan_windows([summaries[i]["doc_lens"] for i in range(len(summaries))], layout)
-    written = gather([write(out_dir.uri, split, index, layout, pieces,
-                            [summaries[c]["first_line"] for c, _, _ in pieces], [where[c][1] for c, _, _ in pieces],
-                            *[tables[where[c][0]] for c, _, _ in pieces])
-                      for index, pieces in enumerate(windows)])
-    totals = _Totals(documents=sum(len(s["doc_lens"]) for s in summaries.values()),
-                     tokens=sum(sum(s["doc_lens"]) for s in summaries.values()),
-                     assistant_tokens=sum(s["assistant_tokens"] for s in summaries.values()),
+    written = ranges.write_all(tables, layout, write, gather, out_dir.uri, split, CHAT_COLUMNS)
+    totals = _Totals(documents=sum(len(s["doc_lens"]) for s in ranges.summaries), tokens=ranges.total("doc_lens"),
+                     assistant_tokens=ranges.total("assistant_tokens"),
                      blocks=sum(blocks for _, blocks in written), names=[name for name, _ in written])
     return chat_stats(counts, totals, data.max_seq_len, streaming)
+
+
+def write_rows_split(fmt: RowFormat, uri: str, out_dir: Store, split: str, tables: list[Any],
+                     small: list[list[dict]], write: Any, gather: Any) -> dict:
+    """write_chat_split for the preference and prompt formats: windows of DOCS_PER_SHARD records."""
+    ranges = Ranges.of(uri, small)
+    fmt = fmt.fresh()
+    for name in fmt.counts:
+        fmt.counts[name] = ranges.total(name)
+    layout = {"documents": True, "max_len": 0, "pad_id": 0, "packing": False}  # a window of records, by count
+    written = ranges.write_all(tables, layout, write, gather, out_dir.uri, split, tuple(fmt.kinds),
+                               kinds=fmt.kinds, prefix=f"{split}-{fmt.suffix}")
+    return fmt.stats(sum(len(s["doc_lens"]) for s in ranges.summaries), [name for name, _ in written])
 
 
 class _Totals:
@@ -187,8 +272,8 @@ class _Totals:
 
 
 def plan_windows(doc_lens: list[list[int]], layout: dict[str, Any]) -> list[list[tuple[int, int, int]]]:
-    """The shards' windows, as the local prepare cuts them: each a list of (chunk, first doc, end doc)
-    pieces of consecutive documents in file order. A split without documents gets one empty shard."""
+    """The shards' windows, as the local prepare cuts them: each a list of (range, first record, end
+    record) pieces of consecutive records in file order. A split without records gets one empty shard."""
     windows: list[list[tuple[int, int, int]]] = []
     current: list[tuple[int, int, int]] = []
     n_docs = tokens = 0
@@ -207,26 +292,60 @@ def plan_windows(doc_lens: list[list[int]], layout: dict[str, Any]) -> list[list
     return windows
 
 
-def summary(table: Any) -> list[dict]:
-    """A tokenized table's rows without their documents (what the driver needs to plan the shards)."""
-    return table.drop_columns(["input_ids", "assistant_mask"]).to_pylist()
+def summary(table: pa.Table) -> list[dict]:
+    """A tokenized table's rows without their records (what the driver needs to plan the shards)."""
+    small = [name for name in table.column_names
+             if name not in ("doc_lines",) and not pa.types.is_list(table.schema.field(name).type)]
+    return table.select([*small, "doc_lens"]).to_pylist()
+
+
+def _gather(pieces: list[tuple[int, int, int]], table_rows: list[int], tables: tuple[Any, ...],
+            name: str) -> pa.Array | None:
+    """The window's values of one column: its pieces' slices of the ranges' records, end to end
+    (None for a window without pieces)."""
+    parts = [table[name][row].values.slice(start, end - start)
+             for (_, start, end), row, table in zip(pieces, table_rows, tables, strict=True)]
+    return pa.concat_arrays(parts) if parts else None
 
 
 def write_window(out_uri: str, split: str, index: int, layout: dict[str, Any], pieces: list[tuple[int, int, int]],
-                  first_lines: list[int], table_rows: list[int], *tables: Any) -> tuple[str, int]:
-    """Pack one shard's window (its documents gathered from the tokenized ranges) and write it."""
-    window, rows = [], []
-    for (_, start, end), first, row, table in zip(pieces, first_lines, table_rows, tables, strict=True):
-        ids = table["input_ids"][row].values.slice(start, end - start).to_pylist()
-        masks = table["assistant_mask"][row].values.slice(start, end - start).to_pylist()
-        lines = table["doc_lines"][row].values.slice(start, end - start).to_pylist()
-        window.extend(zip(ids, masks, strict=True))
-        rows.extend(first + line for line in lines)
-    return write_chat_shard(Store.at(out_uri), split, index, window, rows, **layout)
+                 columns: tuple[str, ...], first_lines: list[int], table_rows: list[int], *tables: Any,
+                 kinds: dict[str, str] | None = None, prefix: str = "") -> tuple[str, int]:
+    """Gather one shard's window from the tokenized ranges and write it: chat documents packed (or
+    kept, for the streaming layout), or preference / prompt records as they are."""
+    out = Store.at(out_uri)
+    if kinds is not None:
+        gathered = {name: _gather(pieces, table_rows, tables, name) for name in columns}
+        return write_row_shard(out, prefix, index, kinds, {name: values if values is not None else []
+                                                           for name, values in gathered.items()}), 0
+    lines = [np.asarray(table["doc_lines"][row].values.slice(start, end - start)) + first
+             for (_, start, end), first, row, table in zip(pieces, first_lines, table_rows, tables, strict=True)]
+    if not pieces:
+        empty = np.zeros(0, dtype=np.int64)
+        return write_chat_shard(out, split, index, empty, empty.astype(np.int32), empty.astype(np.bool_),
+                                empty.astype(np.int32), **layout)
+    docs = _gather(pieces, table_rows, tables, "input_ids")
+    masks = _gather(pieces, table_rows, tables, "assistant_mask")
+    lengths = np.diff(np.asarray(docs.offsets)).astype(np.int64)
+    return write_chat_shard(out, split, index, lengths, np.asarray(docs.flatten()),
+                            np.asarray(masks.flatten(), dtype=np.bool_), np.concatenate(lines).astype(np.int32),
+                            **layout)
 
 
 _summary = ray.remote(summary)
 _write_window = ray.remote(write_window)
+
+
+def prepare_split_on_ray(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
+                         chunk_bytes: int | None = None) -> dict:
+    """One split, tokenized and written by Ray tasks (see the module); its manifest entry."""
+    write, gather = (lambda *args, **kw: _write_window.remote(*args, **kw)), ray.get
+    if recipe.data.format == "chat":
+        tables, small = _tokenized(uri, recipe, chunk_bytes, tokenize_chat_range, data=recipe.data.model_dump())
+        return write_chat_split(tokenizer, uri, recipe, out_dir, split, tables, small, write, gather)
+    fmt = row_format(recipe)
+    tables, small = _tokenized(uri, recipe, chunk_bytes, tokenize_rows_range, fmt=fmt)
+    return write_rows_split(fmt, uri, out_dir, split, tables, small, write, gather)
 
 
 def run(recipe: Recipe, workspace_uri: str, chunk_bytes: int | None = None) -> dict:
@@ -239,13 +358,8 @@ def run(recipe: Recipe, workspace_uri: str, chunk_bytes: int | None = None) -> d
     out_dir = Store.at(workspace_uri) / "data"
     splits = {}
     for name, uri in split_uris(recipe).items():
-        if recipe.data.format == "chat":
-            stats = prepare_chat_split(tokenizer, uri, recipe, out_dir, name, chunk_bytes)
-            check_overlong(uri, stats, recipe.data)
-        else:
-            log.warning("data.format %s: %s is prepared in the job's driver process (not split up yet)",
-                        recipe.data.format, uri)
-            stats = prepare_split(tokenizer, uri, recipe, out_dir, name)
+        stats = prepare_split_on_ray(tokenizer, uri, recipe, out_dir, name, chunk_bytes)
+        check_overlong(uri, stats, recipe.data)
         splits[name] = stats
     (out_dir / "manifest.json").write_json(manifest_for(recipe, tokenizer, splits))
     return {name: {k: s[k] for k in ("rows", "tokens", "blocks") if k in s} for name, s in splits.items()}

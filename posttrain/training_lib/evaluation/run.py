@@ -9,8 +9,10 @@ import json
 import shutil
 from pathlib import Path
 
+from posttrain import model_cache
 from posttrain.prep.tokenizer import require_same_tokenizer
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import COMMIT, Store, is_local, workspace_uri
 from posttrain.training_lib.data.loader import read_manifest, read_prompts
 from posttrain.training_lib.data.pairs import read_pairs
 from posttrain.training_lib.evaluation import per_example
@@ -23,12 +25,28 @@ from posttrain.training_lib.export import merged_from_adapter
 from posttrain.training_lib.models.components import components_of
 
 
+def exported(workspace: Path, name: str) -> Path | None:
+    """The run's export `name` (model/ or adapter/) as a local folder, None where there is none. On
+    a local disk, the workspace's own; for an object-store workspace, this node's model-cache entry
+    (keyed by the export's commit.json, so a node downloads it once and checks every file's sha256;
+    the evaluate jobs of later runs on the node reuse it when the export is promoted unchanged)."""
+    uri = workspace_uri(workspace)
+    if is_local(uri):
+        return workspace / name if (workspace / name).exists() else None
+    store = Store.at(uri) / name
+    return model_cache.model_dir(store.uri) if (store / COMMIT).exists() else None
+
+
 def run(recipe: Recipe, workspace: Path) -> dict:
     if not recipe.data.eval:
         raise RuntimeError(f"recipe {recipe.name}: data.eval is not set, there is nothing to evaluate on")
-    model_dir = workspace / "model"
-    if not model_dir.exists() and (workspace / "adapter").exists():  # adapter-only export: merge to evaluate
-        model_dir = merged_from_adapter(recipe, workspace / "adapter", workspace / "eval" / "merged")
+    model_dir = exported(workspace, "model")
+    if model_dir is None:
+        adapter = exported(workspace, "adapter")
+        if adapter is None:
+            raise RuntimeError(f"{workspace_uri(workspace)}: no complete model/ or adapter/ export: run the train "
+                               "stage first")
+        model_dir = merged_from_adapter(recipe, adapter, workspace / "eval" / "merged")  # adapter-only export
     require_same_tokenizer(str(model_dir), workspace)
     wanted = recipe.evaluation.metrics
     metrics: dict = {}

@@ -37,22 +37,19 @@ def test_ranges_start_at_lines_and_cover_the_file(tmp_path: Path) -> None:
                                                                "end": len(raw)}]
 
 
-def ray_free(recipe, tokenizer, uri: str, out: Path, split: str, chunk_bytes: int) -> dict:
-    """prepare_split_on_ray's steps, each as the Ray task would run it, in this process."""
+def ray_free(recipe, tokenizer, uri: str, out: Path, split: str, chunk_bytes: int, order=None) -> dict:
+    """prepare_split_on_ray's steps, each as the Ray task would run it, in this process. `order`:
+    the order the tokenized ranges arrive in (default: file order)."""
     chunks = ray_prepare.plan_chunks(uri, chunk_bytes)
     if recipe.data.format == "chat":
-        tables = [ray_prepare.tokenize_batch(pa.Table.from_pylist([chunk]), ray_prepare.tokenize_chat_range,
-                                             tokenizer_uri=recipe.tokenizer_uri, data=recipe.data.model_dump())
-                  for chunk in chunks]
-        return ray_prepare.write_chat_split(tokenizer, uri, recipe, Store.at(out) / "data", split, tables,
-                                            [ray_prepare.summary(t) for t in tables], write=ray_prepare.write_window,
-                                            gather=list)
-    fmt = row_format(recipe)
-    tables = [ray_prepare.tokenize_batch(pa.Table.from_pylist([chunk]), ray_prepare.tokenize_rows_range,
-                                         tokenizer_uri=recipe.tokenizer_uri, fmt=fmt) for chunk in chunks]
-    return ray_prepare.write_rows_split(fmt, uri, Store.at(out) / "data", split, tables,
-                                        [ray_prepare.summary(t) for t in tables], write=ray_prepare.write_window,
-                                        gather=list)
+        fn, kwargs = ray_prepare.tokenize_chat_range, {"data": recipe.data.model_dump()}
+    else:
+        fn, kwargs = ray_prepare.tokenize_rows_range, {"fmt": row_format(recipe)}
+    tables = [ray_prepare.tokenize_batch(pa.Table.from_pylist([chunk]), fn, tokenizer_uri=recipe.tokenizer_uri,
+                                         **kwargs) for chunk in chunks]
+    blocks = [(tables[i], ray_prepare.summary(tables[i])) for i in (order or range(len(tables)))]
+    return ray_prepare.write_split(blocks, tokenizer, uri, recipe, Store.at(out) / "data", split, len(chunks),
+                                   remote=False)
 
 
 @pytest.mark.parametrize("mode", ["offline", "streaming"])
@@ -66,9 +63,15 @@ def test_many_ranges_and_shards_give_the_local_bytes(tmp_path: Path, tiny_model:
     for split, uri in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         stats = ray_free(recipe, tokenizer, uri, tmp_path / "ray", split, chunk_bytes=3000)
         assert json.dumps(stats) == json.dumps(manifest["splits"][split])
+        # Ranges that come back out of order are cut into the same windows.
+        n = len(ray_prepare.plan_chunks(uri, 3000))
+        shuffled = ray_free(recipe, tokenizer, uri, tmp_path / "shuffled", split, chunk_bytes=3000,
+                            order=[*range(1, n, 2), *range(0, n, 2)])
+        assert json.dumps(shuffled) == json.dumps(stats)
         assert len(stats["shards"]) > 2
         for name in stats["shards"]:
-            assert filecmp.cmp(tmp_path / "local" / name, tmp_path / "ray" / name, shallow=False), name
+            for ray_side in ("ray", "shuffled"):
+                assert filecmp.cmp(tmp_path / "local" / name, tmp_path / ray_side / name, shallow=False), name
 
 
 def test_a_refused_row_is_named_by_its_line_in_the_file(tmp_path: Path, tokenizer,
@@ -141,3 +144,28 @@ def test_a_refused_pair_or_prompt_is_named_by_its_line_in_the_file(tmp_path: Pat
     with pytest.raises(TemplateError) as on_ray:
         ray_free(recipe, gemma2, str(data), tmp_path / "ray", "train", chunk_bytes=800)
     assert f"{data} line 48: " in str(on_ray.value) and "System role not supported" in str(on_ray.value)
+
+
+def test_each_window_is_written_once_its_ranges_are_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver streams: a window's write is submitted as soon as the ranges it takes records from
+    have arrived, not after the whole split (so tokenized ranges are released as the split goes)."""
+    monkeypatch.setattr(shards, "DOCS_PER_SHARD", 25)
+    submitted: list[tuple[int, list, int]] = []
+    arrived = 0
+
+    def submit(index: int, pieces: list, first_lines: list, rows: list, tables: list) -> None:
+        assert all(c < arrived for c, _, _ in pieces), "a window was cut before its ranges arrived"
+        submitted.append((index, pieces, arrived))
+
+    layout = {"documents": True, "max_len": 0, "pad_id": 0, "packing": False}
+    windows = ray_prepare.ShardWindows("rows.jsonl", layout, submit)
+    per_range = 10
+    for i in range(12):
+        arrived = i + 1
+        windows.add({"index": i, "n_lines": per_range, "error": "", "error_line": -1, "doc_lens": [1] * per_range},
+                    table=f"table-{i}", row=0)
+    windows.close(12)
+    # 25 records a window, 10 a range: windows 0-3 are full and each goes as soon as the range
+    # holding its last record arrives (ranges 3, 5, 8, 10); the last 20 records go at close.
+    assert [(index, when) for index, _, when in submitted] == [(0, 3), (1, 5), (2, 8), (3, 10), (4, 12)]
+    assert [sum(b - a for _, a, b in pieces) for _, pieces, _ in submitted] == [25, 25, 25, 25, 20]

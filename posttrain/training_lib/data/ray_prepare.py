@@ -11,11 +11,14 @@ Each split, in three steps:
    records (chat documents, pairs or prompts), their lengths and source lines, and its counts. A
    row the template refuses is returned as an error with its line, and the driver raises it for the
    first such line of the file, as the local prepare does;
-3. write (one Ray task per output shard, in parallel): the driver cuts the records, in file order,
-   into the same windows the local prepare streams into shards (`window_full`, from the lengths
-   alone), and each task gathers its window from the tokenized ranges (Arrow slices, no Python
-   lists), packs it where the layout packs, and writes its Parquet shard straight to the
-   workspace, file:// or s3://.
+3. write (one Ray task per output shard, in parallel): as the tokenized ranges stream back in file
+   order, the driver cuts their records into the same windows the local prepare streams into
+   shards (`window_full`, from the lengths alone) and submits each window's write as soon as the
+   window is complete: the task gathers it from the tokenized ranges (Arrow slices, no Python
+   lists), packs it where the layout packs, and writes its Parquet shard straight to the workspace,
+   file:// or s3://. With at most a few writes in flight, and Ray Data tokenizing ahead only as far
+   as its backpressure allows, the object store holds a bounded part of the split at any time,
+   not the whole split.
 The manifest is written last, by the driver. Never imports airflow.
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from itertools import pairwise
 from typing import Any
 
@@ -184,112 +187,146 @@ def tokenize_batch(batch: pa.Table, fn: Any, **kwargs: Any) -> pa.Table:
     return pa.concat_tables([fn(chunk, **kwargs) for chunk in batch.to_pylist()])
 
 
-def _tokenized(uri: str, recipe: Recipe, chunk_bytes: int | None, fn: Any, **kwargs: Any) -> tuple[list, list]:
-    """The split's ranges tokenized by Ray Data: the tables (object refs, left in the object store)
-    and their summaries (fetched by the driver; they hold no records)."""
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    source = Store.at(uri)
-    chunks = plan_chunks(uri, chunk_bytes or chunk_size(source.fs.size(source.path), cpus))
+def tokenized_blocks(chunks: list[dict[str, Any]], fn: Any, **kwargs: Any) -> Iterator[tuple[Any, list[dict]]]:
+    """The ranges tokenized by Ray Data, streamed: (block ref, its summary rows) as each block is
+    done, in file order. The records stay in the object store; the driver fetches the summaries
+    only. Ray Data tokenizes ahead of the consumer only as far as its backpressure lets it, so the
+    tokenized records held at once stay bounded however large the file."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # windows are cut in file order
     tokenized = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
-                 .map_batches(tokenize_batch, batch_size=1, batch_format="pyarrow",
-                              fn_kwargs={"fn": fn, "tokenizer_uri": recipe.tokenizer_uri, **kwargs})
-                 .materialize())
-    refs = tokenized.to_arrow_refs()
-    return refs, ray.get([_summary.remote(ref) for ref in refs])
+                 .map_batches(tokenize_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"fn": fn, **kwargs}))
+    for bundle in tokenized.iter_internal_ref_bundles():
+        for ref in bundle.block_refs:
+            yield ref, ray.get(_summary.remote(ref))
 
 
-@dataclass
-class Ranges:
-    """The tokenized ranges of one split in file order: where each range's row is (`where`: table,
-    row; Ray Data may put several ranges in one table), its summary, and the line its file starts
-    it at."""
-    where: dict[int, tuple[int, int]]
-    summaries: list[dict]
+class Writes:
+    """The split's shard writes: `write_window` as Ray tasks, at most `limit` in flight (the driver
+    stops taking ranges while they are, so tokenized ranges wait in the object store only as long as
+    their windows' writes), or, with `remote=False`, in this process (tests). `results()`: each
+    window's (name, blocks) in window order."""
 
-    @classmethod
-    def of(cls, uri: str, small: list[list[dict]]) -> Ranges:
-        where, by_index = {}, {}
-        for pos, rows in enumerate(small):
-            for row_no, row in enumerate(rows):
-                where[row["index"]], by_index[row["index"]] = (pos, row_no), row
-        summaries, first_line = [], 0
-        for i in range(len(by_index)):
-            s = by_index[i]
-            if s["error"]:  # the first row of the file the template refuses, as the local prepare names it
-                raise TemplateError(f"{uri} line {first_line + s['error_line']}: {s['error']}")
-            s["first_line"] = first_line
-            first_line += s["n_lines"]
-            summaries.append(s)
-        return cls(where, summaries)
+    def __init__(self, out_uri: str, split: str, layout: dict[str, Any], columns: tuple[str, ...], *,
+                 remote: bool = True, limit: int = 4, **extra: Any):
+        self.args, self.extra, self.remote, self.limit = (out_uri, split), extra, remote, limit
+        self.layout, self.columns = layout, columns
+        self.pending: dict[Any, int] = {}
+        self.done: dict[int, tuple[str, int]] = {}
 
-    def total(self, name: str) -> int:
-        return sum(s[name] if not isinstance(s[name], list) else sum(s[name]) for s in self.summaries)
+    def submit(self, index: int, pieces: list[tuple[int, int, int]], first_lines: list[int], table_rows: list[int],
+               tables: list[Any]) -> None:
+        args = (*self.args, index, self.layout, pieces, self.columns, first_lines, table_rows, *tables)
+        if not self.remote:
+            self.done[index] = write_window(*args, **self.extra)
+            return
+        self.pending[_write_window.remote(*args, **self.extra)] = index
+        while len(self.pending) > self.limit:
+            self._wait(len(self.pending) - self.limit)
 
-    def write_all(self, tables: list[Any], layout: dict[str, Any], write: Any, gather: Any, out_uri: str,
-                  split: str, columns: tuple[str, ...], **kwargs: Any) -> list[tuple[str, int]]:
-        """Cut the records into the local prepare's windows and `write` each (`write_window` as a Ray
-        task); `gather` waits for the (name, blocks) each returns."""
-        windows = plan_windows([s["doc_lens"] for s in self.summaries], layout)
-        return gather([write(out_uri, split, index, layout, pieces, columns,
-                             [self.summaries[c]["first_line"] for c, _, _ in pieces],
-                             [self.where[c][1] for c, _, _ in pieces],
-                             *[tables[self.where[c][0]] for c, _, _ in pieces], **kwargs)
-                       for index, pieces in enumerate(windows)])
+    def _wait(self, n: int) -> None:
+        ready, _ = ray.wait(list(self.pending), num_returns=n)
+        for ref, result in zip(ready, ray.get(ready), strict=True):
+            self.done[self.pending.pop(ref)] = result
+
+    def results(self) -> list[tuple[str, int]]:
+        if self.pending:
+            self._wait(len(self.pending))
+        return [self.done[i] for i in sorted(self.done)]
 
 
-def write_chat_split(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str, tables: list[Any],
-                     small: list[list[dict]], write: Any, gather: Any) -> dict:
-    """From the tokenized ranges (`tables`, as Ray object refs, and their `summary` rows) to the
-    written shards and the split's manifest entry."""
-    data, ranges = recipe.data, Ranges.of(uri, small)
-    counts = ChatCounts(**{name: ranges.total(name) for name in COUNTS})
-    streaming = streaming_layout(recipe, split)
-    layout = {"documents": streaming, "max_len": data.max_seq_len, "pad_id": block_pad_id(tokenizer),
-              "packing": data.packing.enabled}
-    written = ranges.write_all(tables, layout, write, gather, out_dir.uri, split, CHAT_COLUMNS)
-    totals = _Totals(documents=sum(len(s["doc_lens"]) for s in ranges.summaries), tokens=ranges.total("doc_lens"),
-                     assistant_tokens=ranges.total("assistant_tokens"),
-                     blocks=sum(blocks for _, blocks in written), names=[name for name, _ in written])
-    return chat_stats(counts, totals, data.max_seq_len, streaming)
+class ShardWindows:
+    """Cuts a split's records, range by range in file order, into the windows the local prepare
+    streams into shards (`window_full`, from the lengths alone), and submits each window's write as
+    soon as it is complete: a list of (range, first record, end record) pieces of consecutive
+    records, with the tables holding them. A range that arrives early waits for those before it; a
+    range the template refused raises for the first such line of the file, as the local prepare
+    does. A split without records gets one empty shard."""
+
+    def __init__(self, uri: str, layout: dict[str, Any], submit: Any):
+        self.uri, self.layout, self.submit = uri, layout, submit
+        self.summaries: list[dict] = []  # the ranges taken so far, in file order (no records)
+        self.early: dict[int, tuple[dict, Any, int]] = {}
+        self.first_line = 0
+        self.current: list[tuple[dict, Any, int, int, int]] = []  # the open window's pieces
+        self.n_docs = self.tokens = self.windows = 0
+
+    def add(self, summary: dict, table: Any, row: int) -> None:
+        """A tokenized range: its summary row and where its records are (`table`, `row`)."""
+        self.early[summary["index"]] = (summary, table, row)
+        while len(self.summaries) in self.early:
+            self._take(*self.early.pop(len(self.summaries)))
+
+    def _take(self, s: dict, table: Any, row: int) -> None:
+        if s["error"]:
+            raise TemplateError(f"{self.uri} line {self.first_line + s['error_line']}: {s['error']}")
+        s["first_line"], self.first_line = self.first_line, self.first_line + s["n_lines"]
+        self.summaries.append(s)
+        lens, start, layout = s["doc_lens"], 0, self.layout
+        for d, length in enumerate(lens):
+            self.n_docs, self.tokens = self.n_docs + 1, self.tokens + length
+            if window_full(self.n_docs, self.tokens, documents=layout["documents"], packing=layout["packing"],
+                           max_len=layout["max_len"]):
+                self._submit([*self.current, (s, table, row, start, d + 1)])
+                self.current, start, self.n_docs, self.tokens = [], d + 1, 0, 0
+        if start < len(lens):
+            self.current.append((s, table, row, start, len(lens)))
+
+    def _submit(self, pieces: list[tuple[dict, Any, int, int, int]]) -> None:
+        self.submit(self.windows, [(s["index"], a, b) for s, _, _, a, b in pieces],
+                    [s["first_line"] for s, *_ in pieces], [row for _, _, row, _, _ in pieces],
+                    [table for _, table, _, _, _ in pieces])
+        self.windows += 1
+
+    def close(self, n_ranges: int) -> list[dict]:
+        """Submit the last window; the ranges' summaries in file order."""
+        if self.early or len(self.summaries) != n_ranges:
+            raise RuntimeError(f"{self.uri}: {len(self.summaries)} of {n_ranges} byte ranges came back tokenized")
+        if self.current or not self.windows:
+            self._submit(self.current)
+        self.current = []
+        return self.summaries
 
 
-def write_rows_split(fmt: RowFormat, uri: str, out_dir: Store, split: str, tables: list[Any],
-                     small: list[list[dict]], write: Any, gather: Any) -> dict:
-    """write_chat_split for the preference and prompt formats: windows of DOCS_PER_SHARD records."""
-    ranges = Ranges.of(uri, small)
-    fmt = fmt.fresh()
-    for name in fmt.counts:
-        fmt.counts[name] = ranges.total(name)
-    layout = {"documents": True, "max_len": 0, "pad_id": 0, "packing": False}  # a window of records, by count
-    written = ranges.write_all(tables, layout, write, gather, out_dir.uri, split, tuple(fmt.kinds),
-                               kinds=fmt.kinds, prefix=f"{split}-{fmt.suffix}")
-    return fmt.stats(sum(len(s["doc_lens"]) for s in ranges.summaries), [name for name, _ in written])
+def chat_layout(tokenizer: Any, recipe: Recipe, split: str) -> dict[str, Any]:
+    return {"documents": streaming_layout(recipe, split), "max_len": recipe.data.max_seq_len,
+            "pad_id": block_pad_id(tokenizer), "packing": recipe.data.packing.enabled}
+
+
+ROWS_LAYOUT = {"documents": True, "max_len": 0, "pad_id": 0, "packing": False}  # windows of records, by count
+
+
+def write_split(blocks: Iterable[tuple[Any, list[dict]]], tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store,
+                split: str, n_ranges: int, remote: bool = True, limit: int = 4) -> dict:
+    """From the tokenized ranges (`blocks`: each a table, or its Ray object ref, and its `summary`
+    rows, in file order) to the written shards and the split's manifest entry."""
+    if recipe.data.format == "chat":
+        layout, columns, extra, fmt = chat_layout(tokenizer, recipe, split), CHAT_COLUMNS, {}, None
+    else:
+        fmt = row_format(recipe)
+        layout, columns = ROWS_LAYOUT, tuple(fmt.kinds)
+        extra = {"kinds": fmt.kinds, "prefix": f"{split}-{fmt.suffix}"}
+    writes = Writes(out_dir.uri, split, layout, columns, remote=remote, limit=limit, **extra)
+    windows = ShardWindows(uri, layout, writes.submit)
+    for table, rows in blocks:
+        for row_no, summary_row in enumerate(rows):
+            windows.add(summary_row, table, row_no)
+    summaries, written = windows.close(n_ranges), writes.results()
+    names, records = [name for name, _ in written], sum(len(s["doc_lens"]) for s in summaries)
+    if fmt is not None:
+        fmt = fmt.fresh()
+        for name in fmt.counts:
+            fmt.counts[name] = sum(s[name] for s in summaries)
+        return fmt.stats(records, names)
+    counts = ChatCounts(**{name: sum(s[name] for s in summaries) for name in COUNTS})
+    totals = _Totals(documents=records, tokens=sum(sum(s["doc_lens"]) for s in summaries),
+                     assistant_tokens=sum(s["assistant_tokens"] for s in summaries),
+                     blocks=sum(blocks for _, blocks in written), names=names)
+    return chat_stats(counts, totals, recipe.data.max_seq_len, layout["documents"])
 
 
 class _Totals:
     def __init__(self, **values: Any):
         self.__dict__.update(values)
-
-
-def plan_windows(doc_lens: list[list[int]], layout: dict[str, Any]) -> list[list[tuple[int, int, int]]]:
-    """The shards' windows, as the local prepare cuts them: each a list of (range, first record, end
-    record) pieces of consecutive records in file order. A split without records gets one empty shard."""
-    windows: list[list[tuple[int, int, int]]] = []
-    current: list[tuple[int, int, int]] = []
-    n_docs = tokens = 0
-    for chunk, lens in enumerate(doc_lens):
-        start = 0
-        for d, length in enumerate(lens):
-            n_docs, tokens = n_docs + 1, tokens + length
-            if window_full(n_docs, tokens, documents=layout["documents"], packing=layout["packing"],
-                           max_len=layout["max_len"]):
-                windows.append([*current, (chunk, start, d + 1)])
-                current, start, n_docs, tokens = [], d + 1, 0, 0
-        if start < len(lens):
-            current.append((chunk, start, len(lens)))
-    if current or not windows:
-        windows.append(current)
-    return windows
 
 
 def summary(table: pa.Table) -> list[dict]:
@@ -339,13 +376,15 @@ _write_window = ray.remote(write_window)
 def prepare_split_on_ray(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
                          chunk_bytes: int | None = None) -> dict:
     """One split, tokenized and written by Ray tasks (see the module); its manifest entry."""
-    write, gather = (lambda *args, **kw: _write_window.remote(*args, **kw)), ray.get
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    source = Store.at(uri)
+    chunks = plan_chunks(uri, chunk_bytes or chunk_size(source.fs.size(source.path), cpus))
     if recipe.data.format == "chat":
-        tables, small = _tokenized(uri, recipe, chunk_bytes, tokenize_chat_range, data=recipe.data.model_dump())
-        return write_chat_split(tokenizer, uri, recipe, out_dir, split, tables, small, write, gather)
-    fmt = row_format(recipe)
-    tables, small = _tokenized(uri, recipe, chunk_bytes, tokenize_rows_range, fmt=fmt)
-    return write_rows_split(fmt, uri, out_dir, split, tables, small, write, gather)
+        fn, kwargs = tokenize_chat_range, {"data": recipe.data.model_dump()}
+    else:
+        fn, kwargs = tokenize_rows_range, {"fmt": row_format(recipe)}
+    blocks = tokenized_blocks(chunks, fn, tokenizer_uri=recipe.tokenizer_uri, **kwargs)
+    return write_split(blocks, tokenizer, uri, recipe, out_dir, split, len(chunks), limit=2 * cpus)
 
 
 def run(recipe: Recipe, workspace_uri: str, chunk_bytes: int | None = None) -> dict:

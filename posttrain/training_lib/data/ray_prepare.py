@@ -270,6 +270,9 @@ class ShardWindows:
                 self.current, start, self.n_docs, self.tokens = [], d + 1, 0, 0
         if start < len(lens):
             self.current.append((s, table, row, start, len(lens)))
+        # The split's totals need the range's counts only: the driver keeps no per-record list.
+        s["n_records"], s["record_tokens"] = len(lens), sum(lens)
+        del s["doc_lens"]
 
     def _submit(self, pieces: list[tuple[dict, Any, int, int, int]]) -> None:
         self.submit(self.windows, [(s["index"], a, b) for s, _, _, a, b in pieces],
@@ -311,14 +314,14 @@ def write_split(blocks: Iterable[tuple[Any, list[dict]]], tokenizer: Any, uri: s
         for row_no, summary_row in enumerate(rows):
             windows.add(summary_row, table, row_no)
     summaries, written = windows.close(n_ranges), writes.results()
-    names, records = [name for name, _ in written], sum(len(s["doc_lens"]) for s in summaries)
+    names, records = [name for name, _ in written], sum(s["n_records"] for s in summaries)
     if fmt is not None:
         fmt = fmt.fresh()
         for name in fmt.counts:
             fmt.counts[name] = sum(s[name] for s in summaries)
         return fmt.stats(records, names)
     counts = ChatCounts(**{name: sum(s[name] for s in summaries) for name in COUNTS})
-    totals = _Totals(documents=records, tokens=sum(sum(s["doc_lens"]) for s in summaries),
+    totals = _Totals(documents=records, tokens=sum(s["record_tokens"] for s in summaries),
                      assistant_tokens=sum(s["assistant_tokens"] for s in summaries),
                      blocks=sum(blocks for _, blocks in written), names=names)
     return chat_stats(counts, totals, recipe.data.max_seq_len, layout["documents"])
@@ -369,7 +372,9 @@ def write_window(out_uri: str, split: str, index: int, layout: dict[str, Any], p
                             **layout)
 
 
-_summary = ray.remote(summary)
+# A summary is a few columns of a block: it needs no CPU of its own, and waiting for one behind the
+# tokenize tasks would hold up the writes the driver submits as the summaries come in.
+_summary = ray.remote(num_cpus=0)(summary)
 _write_window = ray.remote(write_window)
 
 

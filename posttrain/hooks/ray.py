@@ -100,6 +100,21 @@ class RayJobHook(BaseHook):
             body["entrypoint_num_cpus"] = entrypoint_num_cpus
         return self._request("POST", "/api/jobs/", json=body)["submission_id"]
 
+    def ensure_submitted(self, entrypoint: str, submission_id: str, retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
+                         **kwargs: Any) -> bool:
+        """Submit the job unless the cluster has it already; True when this call submitted it. A
+        dashboard failing transiently (refused, reset, 5xx: a head whose job agent is not up yet
+        answers "No available agent to submit job, please try again later") is asked again with
+        backoff for up to `retry_window_s`; asking for the job first makes a retry after a lost
+        answer safe (the job is never submitted twice)."""
+        def once() -> bool:
+            if self.get_job(submission_id) is not None:
+                return False
+            self.submit_job(entrypoint, submission_id, **kwargs)
+            return True
+
+        return self.retrying(once, f"submitting Ray job {submission_id}", retry_window_s)
+
     def get_job(self, job_id: str) -> dict | None:
         """The job's details, or None when the cluster has no job of that id."""
         try:

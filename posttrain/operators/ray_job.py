@@ -109,12 +109,11 @@ class RayJobOperator(PosttrainOperator):
         ti = context["ti"]
         self.job_id = self.job_id_of(ti, ti.try_number)
         self.stop_earlier_tries(ti)
-        if self.hook.get_job(self.job_id) is None:
-            entrypoint = (f"{shlex.quote(self.cluster_ref.python)} -m posttrain.training_lib.entrypoint "
-                          f"{self.stage} --workspace {shlex.quote(self.workspace)}")
-            self.hook.submit_job(entrypoint, self.job_id, runtime_env={"env_vars": JOB_ENV},
-                                 metadata={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id},
-                                 entrypoint_num_cpus=0)
+        entrypoint = (f"{shlex.quote(self.cluster_ref.python)} -m posttrain.training_lib.entrypoint "
+                      f"{self.stage} --workspace {shlex.quote(self.workspace)}")
+        if self.hook.ensure_submitted(entrypoint, self.job_id, self.retry_window_s, runtime_env={"env_vars": JOB_ENV},
+                                      metadata={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id},
+                                      entrypoint_num_cpus=0):
             self.log.info("submitted Ray job %s: %s", self.job_id, entrypoint)
         RayDashboardLink.persist(context, self.cluster_ref.job_url(self.job_id))
         if self.deferrable:

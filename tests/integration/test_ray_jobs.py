@@ -174,3 +174,34 @@ def test_prepare_on_ray_writes_the_local_bytes(cluster: dict[str, Any], tmp_path
         assert filecmp.cmp(tmp_path / "local" / "data" / name, workspace / "data" / name, shallow=False), name
     manifest = json.loads((workspace / "data" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 400
+
+
+def test_a_submission_waits_out_a_dashboard_that_is_not_ready(cluster: dict[str, Any]) -> None:
+    """A head whose job agent is not up yet (or a dashboard behind a restarting load balancer)
+    answers submissions with HTTP 5xx for a while: the job tasks submit again with backoff instead of
+    failing, and never submit the same job twice."""
+    import threading
+    import time
+
+    from posttrain.hooks.ray import TERMINAL_STATES
+    from tests.deployment.flaky_proxy import FlakyProxy
+
+    proxy = FlakyProxy(cluster["dashboard_url"]).start()
+    try:
+        hook = RayJobHook(address=proxy.url, token_file=cluster["token_file"])
+        entrypoint = f"{cluster['python']} -c \"print('submitted once')\""
+        proxy.fail(True)
+        recovers = threading.Timer(3.0, proxy.fail, args=(False,))
+        recovers.start()
+        assert hook.ensure_submitted(entrypoint, "submit-when-ready", retry_window_s=60)
+        assert proxy.refused > 0  # it was refused, and asked again
+        assert not hook.ensure_submitted(entrypoint, "submit-when-ready", retry_window_s=60)  # there already
+        deadline = time.monotonic() + 60
+        while (status := hook.get_job("submit-when-ready")["status"]) not in TERMINAL_STATES:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert status == "SUCCEEDED"
+        assert hook.get_job_logs("submit-when-ready").splitlines().count("submitted once") == 1
+    finally:
+        recovers.cancel()
+        proxy.stop()

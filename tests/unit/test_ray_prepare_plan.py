@@ -18,7 +18,7 @@ from posttrain.prep.prepare import prepare, row_format
 from posttrain.prep.tokenizer import load_tokenizer
 from posttrain.recipe import load_recipe
 from posttrain.storage_fs import Store
-from posttrain.training_lib.data import ray_prepare
+from posttrain.training_lib.data import ray_prepare, ray_shards
 from tests.conftest import write_recipe
 
 
@@ -48,7 +48,7 @@ def ray_free(recipe, tokenizer, uri: str, out: Path, split: str, chunk_bytes: in
     tables = [ray_prepare.tokenize_batch(pa.Table.from_pylist([chunk]), fn, tokenizer_uri=recipe.tokenizer_uri,
                                          **kwargs) for chunk in chunks]
     blocks = [(tables[i], ray_prepare.summary(tables[i])) for i in (order or range(len(tables)))]
-    return ray_prepare.write_split(blocks, tokenizer, uri, recipe, Store.at(out) / "data", split, len(chunks),
+    return ray_shards.write_split(blocks, tokenizer, uri, recipe, Store.at(out) / "data", split, len(chunks),
                                    remote=False)
 
 
@@ -158,7 +158,7 @@ def test_each_window_is_written_once_its_ranges_are_in(monkeypatch: pytest.Monke
         submitted.append((index, pieces, arrived))
 
     layout = {"documents": True, "max_len": 0, "pad_id": 0, "packing": False}
-    windows = ray_prepare.ShardWindows("rows.jsonl", layout, submit)
+    windows = ray_shards.ShardWindows("rows.jsonl", layout, submit)
     per_range = 10
     for i in range(12):
         arrived = i + 1

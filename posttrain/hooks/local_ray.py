@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,13 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
+class PortTaken(RayJobError):
+    """A port picked for the head was taken by another process before the head bound it."""
+
+
+START_ATTEMPTS = 3
+
+
 class LocalRayCluster:
     """A Ray head on 127.0.0.1 started with `ray start --head`, stopped by its own temp dir."""
 
@@ -38,7 +46,24 @@ class LocalRayCluster:
         """`node_env`: what every process of the head gets in its environment (a node's S3
         credentials: jobs inherit them from the raylet, so they are in no job's spec). `token`: the
         cluster's auth token, kept by the caller (a run's is in its workspace: see cluster_token);
-        without one the head makes its own, in a 0600 `token_file` beside its temp dir."""
+        without one the head makes its own, in a 0600 `token_file` beside its temp dir.
+
+        The head's ports are picked free, then released for `ray start` to bind: another process
+        can take one in between. Ray does not always fail on that (a dashboard agent whose HTTP
+        port is taken stays up without it, and every job submission then gets "No available agent
+        to submit job"), so the head is checked to listen on each port it was given, and started
+        again on fresh ports (up to START_ATTEMPTS heads) where it does not."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return cls._start(num_cpus, timeout, node_env, token)
+            except PortTaken:
+                if attempt == START_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start(cls, num_cpus: int, timeout: float, node_env: dict[str, str] | None,
+               token: str | None) -> dict[str, Any]:
         cluster_id = uuid.uuid4().hex[:6]
         temp_dir = ray_temp_dir(cluster_id)
         temp_dir.mkdir(parents=True, exist_ok=True)
@@ -98,13 +123,40 @@ class LocalRayCluster:
         if code != 0:
             output = log_path.read_text()[-3000:]
             cls.stop(info)
-            raise RayJobError(f"`ray start --head` failed with exit code {code}:\n{output}")
+            error = PortTaken if "already in use" in output else RayJobError
+            raise error(f"`ray start --head` failed with exit code {code}:\n{output}")
         try:
             RayJobHook(address=info["dashboard_url"], token=token).wait_ready(timeout)
+            # The components Jobs need: GCS, dashboard, its agent (HTTP: submissions; gRPC), runtime envs.
+            cls.wait_listening(info, {gcs, dashboard, agent_http, agent_grpc, runtime_env_agent}, min(timeout, 20.0))
         except RayJobError:
             cls.stop(info)
             raise
         return info
+
+    @classmethod
+    def listening_ports(cls, info: dict[str, Any]) -> set[int]:
+        """The loopback ports the head's own processes listen on."""
+        import psutil
+
+        ports: set[int] = set()
+        for proc in cls.processes(info):
+            try:
+                ports |= {c.laddr.port for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return ports
+
+    @classmethod
+    def wait_listening(cls, info: dict[str, Any], ports: set[int], timeout: float) -> None:
+        """Until the head's processes listen on every one of `ports`; PortTaken after `timeout`
+        seconds (another process holds the missing ones)."""
+        deadline = time.monotonic() + timeout
+        while missing := ports - cls.listening_ports(info):
+            if time.monotonic() > deadline:
+                raise PortTaken(f"the Ray head {info['cluster_id']} does not listen on port(s) {sorted(missing)} "
+                                f"it was started with after {timeout:.0f}s (taken by another process)")
+            time.sleep(0.5)
 
     @staticmethod
     def processes(info: dict[str, Any]) -> list:

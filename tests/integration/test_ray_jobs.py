@@ -205,3 +205,44 @@ def test_a_submission_waits_out_a_dashboard_that_is_not_ready(cluster: dict[str,
     finally:
         recovers.cancel()
         proxy.stop()
+
+
+def test_a_head_whose_port_was_taken_meanwhile_is_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's ports are picked free and released for `ray start`: when another process takes
+    one in between (here the dashboard agent's HTTP port, which Ray survives without: every job
+    submission would then fail "No available agent to submit job"), the head is started again on
+    fresh ports, and jobs run on it."""
+    import socket
+    import time
+
+    from posttrain.hooks import local_ray
+    from posttrain.hooks.ray import TERMINAL_STATES
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    picks: list[list[int]] = []
+    real_free_ports = local_ray.free_ports
+
+    def free_ports(count: int) -> list[int]:
+        ports = real_free_ports(count)
+        if not picks:  # the first head gets the taken port for its agent's HTTP server
+            ports[2] = squatter.getsockname()[1]
+        picks.append(ports)
+        return ports
+
+    monkeypatch.setattr(local_ray, "free_ports", free_ports)
+    info = LocalRayCluster.start(num_cpus=1)
+    try:
+        assert len(picks) == 2 and info["dashboard_url"].endswith(f":{picks[1][1]}")
+        hook = RayJobHook(address=info["dashboard_url"], token_file=info["token_file"])
+        job = hook.submit_job(f"{info['python']} -c \"print('on the second head')\"", "after-port-taken")
+        deadline = time.monotonic() + 60
+        while (status := hook.get_job(job)["status"]) not in TERMINAL_STATES:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert status == "SUCCEEDED"
+    finally:
+        LocalRayCluster.stop(info)
+        squatter.close()
+    assert LocalRayCluster.processes(info) == []

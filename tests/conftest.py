@@ -24,7 +24,11 @@ from posttrain.paths import use_repo_tmpdir
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = Path(os.environ.get("POSTTRAIN_HOME") or REPO / ".posttrain").resolve()
-TEST_HOME = HOME / "test"
+# `make test` runs the suite on pytest-xdist workers (gw0, gw1, ...): each has an Airflow home,
+# SQLite database and dags folder of its own. Models, caches and Ray temp dirs are shared (their
+# names are unique, and the model cache locks).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEST_HOME = HOME / "test" / WORKER if WORKER else HOME / "test"
 DAGS = TEST_HOME / "dags"
 TINY = HOME / "models" / "tiny"
 SAMPLE_DATA = REPO / "dags" / "data" / "tiny-chat"
@@ -47,9 +51,26 @@ use_repo_tmpdir()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.option.basetemp:
+    if not config.option.basetemp:  # (xdist's workers get <this>/gw<n> from the controller)
         TEST_HOME.mkdir(parents=True, exist_ok=True)
         config.option.basetemp = str(TEST_HOME / "tmp")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadscope` (`make test`) with a test module as the unit of work, so its module-scoped
+    Ray head and models are set up once, and tests/deployment as one unit: its modules share one
+    deployment. (xdist's loadgroup would do this with marks, but its node-id rewriting does not
+    reach pytest 9's node ids.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tests/deployment" if module.startswith("tests/deployment/") else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +94,11 @@ def tiny_family(name: str) -> Path:
     fam = family(name)
     digest = hashlib.sha256(repr(fam).encode() + fam.chat_template().encode()).hexdigest()[:10]
     out = HOME / "models" / f"tiny-{name}-{digest}"
-    if not (out / "config.json").exists():
-        assert main(["tiny-model", str(out), "--family", name]) == 0
+    from filelock import FileLock
+
+    with FileLock(out.with_name(out.name + ".lock")):  # another xdist worker may be building it
+        if not (out / "config.json").exists():
+            assert main(["tiny-model", str(out), "--family", name]) == 0
     return out
 
 

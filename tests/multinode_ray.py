@@ -18,9 +18,22 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (as posttrain.hooks.local_ray.free_ports, without its imports)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def main() -> int:
@@ -39,16 +52,22 @@ def main() -> int:
     # Every process of this cluster (job drivers, Ray Train's actors) connects to this cluster:
     # "auto" would find every cluster on the machine, and may pick another.
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    # Every node's dashboard agent gets a free port of its own: Ray's default (52365) is one port
+    # for the whole machine, so a second cluster's head agent (another test's, on another xdist
+    # worker) would come up without its HTTP server, and every job submission to it would fail
+    # "No available agent to submit job".
+    agent_ports = free_ports(nodes)
     cluster = Cluster(initialize_head=True, head_node_args={"gcs_server_port": gcs_port,
         "num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "temp_dir": temp_dir,
-        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "dashboard_agent_listen_port": agent_ports[0]})
     # A job's supervisor finds its cluster from the address file in the session's temp dir, which
     # `Cluster` writes elsewhere (under RAY_TMPDIR/ray): without this a job driver would connect
     # to whichever cluster on the machine it finds first.
     Path(temp_dir, "ray_current_cluster").write_text(cluster.address)
     try:
-        for _ in range(nodes - 1):
-            cluster.add_node(num_cpus=1, num_gpus=0, node_ip_address="127.0.0.1", temp_dir=temp_dir)
+        for port in agent_ports[1:]:
+            cluster.add_node(num_cpus=1, num_gpus=0, node_ip_address="127.0.0.1", temp_dir=temp_dir,
+                             dashboard_agent_listen_port=port)
         cluster.wait_for_nodes(timeout=90)
         ready.write_text(json.dumps({"address": cluster.address, "dashboard_url": f"http://127.0.0.1:{dashboard_port}"}))
         stop.wait()

@@ -128,7 +128,7 @@ class LocalRayCluster:
         try:
             RayJobHook(address=info["dashboard_url"], token=token).wait_ready(timeout)
             # The components Jobs need: GCS, dashboard, its agent (HTTP: submissions; gRPC), runtime envs.
-            cls.wait_listening(info, {gcs, dashboard, agent_http, agent_grpc, runtime_env_agent}, min(timeout, 20.0))
+            cls.wait_listening(info, {gcs, dashboard, agent_http, agent_grpc, runtime_env_agent}, timeout)
         except RayJobError:
             cls.stop(info)
             raise
@@ -149,13 +149,19 @@ class LocalRayCluster:
 
     @classmethod
     def wait_listening(cls, info: dict[str, Any], ports: set[int], timeout: float) -> None:
-        """Until the head's processes listen on every one of `ports`; PortTaken after `timeout`
-        seconds (another process holds the missing ones)."""
+        """Until the head's processes listen on every one of `ports`. PortTaken as soon as another
+        process listens on a missing one, or after `timeout` seconds."""
+        import psutil
+
         deadline = time.monotonic() + timeout
         while missing := ports - cls.listening_ports(info):
-            if time.monotonic() > deadline:
-                raise PortTaken(f"the Ray head {info['cluster_id']} does not listen on port(s) {sorted(missing)} "
-                                f"it was started with after {timeout:.0f}s (taken by another process)")
+            # Not ours (ours were just checked), so another process's: no use waiting for it.
+            taken = missing & {c.laddr.port for c in psutil.net_connections(kind="inet")
+                               if c.status == psutil.CONN_LISTEN}
+            if taken or time.monotonic() > deadline:
+                why = "taken by another process" if taken else f"not listening after {timeout:.0f}s"
+                raise PortTaken(f"the Ray head {info['cluster_id']} does not listen on port(s) "
+                                f"{sorted(taken or missing)} it was started with ({why})")
             time.sleep(0.5)
 
     @staticmethod
@@ -188,8 +194,12 @@ class LocalRayCluster:
         return list(found.values())
 
     @classmethod
-    def stop(cls, info: dict[str, Any], grace: float = 5.0) -> int:
-        """Stop every process of this head (and only this one). Returns how many were running."""
+    def stop(cls, info: dict[str, Any], grace: float = 1.5) -> int:
+        """Stop every process of this head (and only this one). Returns how many were running.
+
+        SIGTERM first (job drivers and workers exit within the grace), then SIGKILL for the rest:
+        the GCS, raylet, monitor and runtime-env agent take 5 s and more to shut down gracefully,
+        and nothing of theirs is kept (the temp dir goes with them)."""
         import psutil
 
         procs = cls.processes(info)

@@ -262,8 +262,10 @@ def multinode_ray(nodes: int, log: Path) -> Iterator[dict[str, str]]:
     with log.open("w") as out:
         from posttrain.hooks.local_ray import free_ports
 
-        ports = [str(port) for port in free_ports(2)]  # dashboard, GCS: distinct
-        proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_ray", str(nodes), *ports, str(ready)],
+        # Dashboard, GCS, then each node's dashboard agent: all distinct.
+        dashboard, gcs, *agents = [str(port) for port in free_ports(2 + nodes)]
+        proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_ray", str(nodes), dashboard, gcs, str(ready),
+                                 *agents],
                                 cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
     family: list[int] = []
     try:

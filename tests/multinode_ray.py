@@ -7,7 +7,8 @@ process tree, every one registered as 127.0.0.1. RAY_ENABLE_WINDOWS_OR_OSX_CLUST
 processes that connect later (the job agent, job drivers) on 127.0.0.1 too: without it Ray turns
 "127.0.0.1" into the machine's address, where nothing listens.
 
-Run as `RAY_TMPDIR=… python -m tests.multinode_ray NODES DASHBOARD_PORT GCS_PORT READY_FILE`: it writes {"address",
+Run as `RAY_TMPDIR=… python -m tests.multinode_ray NODES DASHBOARD_PORT GCS_PORT READY_FILE AGENT_PORT…`
+(one dashboard agent port per node): it writes {"address",
 "dashboard_url"} to READY_FILE once every node is up, then holds the cluster until its stdin
 closes or it gets SIGTERM, and on the way out stops every process it started (the dashboard's
 module subprocesses included, which `Cluster.shutdown` leaves behind).
@@ -18,22 +19,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports (as posttrain.hooks.local_ray.free_ports, without its imports)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def main() -> int:
@@ -42,6 +30,7 @@ def main() -> int:
     from ray.cluster_utils import Cluster
 
     nodes, dashboard_port, gcs_port, ready = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    agent_ports = [int(port) for port in sys.argv[5:5 + nodes]]
     # Sessions straight under RAY_TMPDIR (Ray would add "/ray"): its caller sized that path so
     # Ray's socket paths fit (posttrain.paths.ray_temp_dir).
     temp_dir = os.environ["RAY_TMPDIR"]
@@ -56,7 +45,6 @@ def main() -> int:
     # for the whole machine, so a second cluster's head agent (another test's, on another xdist
     # worker) would come up without its HTTP server, and every job submission to it would fail
     # "No available agent to submit job".
-    agent_ports = free_ports(nodes)
     cluster = Cluster(initialize_head=True, head_node_args={"gcs_server_port": gcs_port,
         "num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "temp_dir": temp_dir,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "dashboard_agent_listen_port": agent_ports[0]})

@@ -20,6 +20,10 @@ Size: at most `POSTTRAIN_MODEL_CACHE_GIB` GiB (default 100) on a node; past it t
 used entries are removed, except any a live process has open (each process holds a shared lock on
 the entries it returned), so the bound is exceeded while the models in use alone exceed it.
 
+A job's own models pass through the cache too (`scratch()`, `publish()`): an export is written to a
+scratch folder, uploaded with its commit.json, and becomes the entry for that upload, so an object-
+store run keeps nothing of its own on the node outside this cache.
+
 Concurrency: one lock file per node serialises lookups, downloads and eviction; a download goes to
 a folder aside and is renamed into place, so a process never sees a partial entry (one killed
 mid-download leaves a folder aside that the next holder of the lock removes).
@@ -43,11 +47,12 @@ from typing import IO
 from fsspec import AbstractFileSystem
 
 from posttrain.paths import posttrain_home
-from posttrain.storage_fs import COMMIT, Store
+from posttrain.storage_fs import COMMIT, Store, upload_folder
 
 BOUND_ENV = "POSTTRAIN_MODEL_CACHE_GIB"
 DEFAULT_BOUND_GIB = 100.0
 ENTRY = ".entry.json"  # in each entry: the URI it was first fetched from, the key's listing
+SCRATCH = ".scratch-"  # + "<pid>-<label>": a job's model files on their way (see scratch())
 _IN_USE: dict[str, IO[bytes]] = {}  # entry path → open file holding a shared lock while this process lives
 
 
@@ -167,6 +172,62 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def scratch(label: str) -> Iterator[Path]:
+    """An empty folder of this node's cache for a job's model files on their way (an export before
+    its upload, an adapter merged for evaluation), removed when the block ends; one whose process
+    died is removed by the next download or the teardown."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{SCRATCH}{os.getpid()}-{label}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_orphans(root: Path) -> None:
+    """Downloads and scratch folders whose process died (the caller holds the lock)."""
+    for stale in root.glob(".fetching-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for folder in root.glob(f"{SCRATCH}*"):
+        pid = folder.name[len(SCRATCH):].split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def publish(local: Path, uri: str) -> Path:
+    """Upload the model folder `local` (a job's fresh export, in a scratch folder) to `uri` with its
+    commit.json last, replacing what was there, and keep the folder as this node's entry for that
+    upload: a later stage on the node that loads `uri` (evaluate; the rollouts of a run whose base is
+    this model once promoted) finds it without downloading. Returns the entry."""
+    store = Store.at(uri)
+    files = upload_folder(local, store)
+    (local / COMMIT).write_text(json.dumps({"files": files}, indent=2))
+    listing = _listing(store)
+    root = cache_root()
+    entry = root / _key(listing)
+    with _locked(root):
+        if not (entry / ENTRY).exists():  # else: the same upload (an identical export) is there already
+            shutil.rmtree(entry, ignore_errors=True)
+            (local / ENTRY).write_text(json.dumps({"uri": uri, "listing": listing, "fetched": time.time()}))
+            local.rename(entry)
+        _evict(root, entry, bound_bytes())
+    return entry
+
+
 def model_dir(uri: str, fs: AbstractFileSystem | None = None) -> Path:
     """The local folder holding the model at `uri` (s3://...), downloaded into this node's cache
     unless the current version is there already. `fs`: the filesystem to reach it (an Airflow task's,
@@ -176,8 +237,7 @@ def model_dir(uri: str, fs: AbstractFileSystem | None = None) -> Path:
     root = cache_root()
     entry = root / _key(listing)
     with _locked(root):
-        for stale in root.glob(".fetching-*"):  # a download whose process died (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_orphans(root)
         if not (entry / ENTRY).exists():
             aside = root / f".fetching-{entry.name}-{os.getpid()}"
             try:
@@ -198,6 +258,7 @@ def clear() -> list[str]:
     if not root.is_dir():
         return []
     with _locked(root):
+        _remove_orphans(root)
         return _evict(root, None, -1)
 
 

@@ -174,7 +174,9 @@ class StorageConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    mlflow_uri: NonBlank | None = None  # default: sqlite:///<storage root>/<recipe name>/mlflow.db
+    # Default: sqlite:///<storage root>/<recipe name>/mlflow.db; for an s3:// root, each run's own
+    # train/mlflow.db in its workspace (training_lib/tracking.py).
+    mlflow_uri: NonBlank | None = None
     # Where an MLflow UI serving that store is browsed (the task links point there); default: the
     # tracking server itself for an http(s) mlflow_uri, none for SQLite (`mlflow ui` can serve it).
     ui_url: NonBlank | None = None

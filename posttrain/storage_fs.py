@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -187,100 +186,17 @@ def _copy(src: IO[bytes], dst: IO[bytes]) -> dict:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-# A Ray job works on a workspace URI through two places: the Store (data, checkpoints, and what the
-# job hands to later stages) and a local folder for what libraries can only write to a disk (the
-# step log as it grows, MLflow's SQLite file, Ray Train's own storage, the export before upload).
-# For file:// both are the workspace itself. For s3:// the folder is a node-local staging folder
-# whose path is a pure function of the URI, so every process on any node finds the same one and
-# the URI can be read back from the path (`workspace_store`) without any file linking the two.
+def workspace_store(workspace: Store | Path | str) -> Store:
+    """The workspace as a Store: a Ray job's (already one), or an Airflow task's folder or URI."""
+    return workspace if isinstance(workspace, Store) else Store.at(str(workspace))
 
 
-def _staging_root() -> Path:
-    from posttrain.paths import posttrain_home
-
-    return posttrain_home() / "staging"
-
-
-def staging_folder(uri: str) -> Path | None:
-    """This node's staging folder for the object-store workspace `uri` (None for file://)."""
-    if is_local(uri):
-        return None
-    if scheme(uri) not in SCHEMES:
-        raise ValueError(f"workspace {uri}: storage scheme {scheme(uri)!r} is not supported; use file:// or s3://")
-    return _staging_root() / scheme(uri) / uri.split("://", 1)[1].strip("/")
-
-
-def job_workspace(uri: str) -> Path:
-    """The local folder a job works in for the workspace `uri` (created for an object store)."""
-    folder = staging_folder(uri)
-    if folder is None:
-        return Path(uri.removeprefix("file://"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def workspace_uri(workspace: Path | str) -> str:
-    """The workspace URI of a job's local folder (see job_workspace): the folder itself for file://.
-    A URI is returned as it is."""
-    if isinstance(workspace, str) and not is_local(workspace):
-        return workspace
-    path = Path(str(workspace).removeprefix("file://")).resolve()
-    root = _staging_root().resolve()
-    if path.is_relative_to(root):
-        rel = path.relative_to(root)
-        return f"{rel.parts[0]}://{'/'.join(rel.parts[1:])}"
-    return str(workspace)
-
-
-def workspace_store(workspace: Path | str) -> Store:
-    """Where the workspace's data and checkpoints live, from a job's local folder or a URI."""
-    return Store.at(workspace_uri(workspace))
-
-
-def publish(workspace: Path, *names: str) -> list[str]:
-    """Upload the job's local `names` (files or folders of its staging folder) to the workspace's
-    object store, replacing what is there; nothing to do for a file:// workspace. A folder gets its
-    COMMIT (every file's size and sha256) last. Returns the names uploaded."""
-    uri = workspace_uri(workspace)
-    if is_local(uri):
-        return []
-    store, done = Store.at(uri), []
-    for name in names:
-        local = workspace / name
-        if local.is_dir():
-            (store / name).remove()
-            files = (store / name).put_tree(local)
-            (store / name / COMMIT).write_json({"files": files})
-        elif local.is_file():
-            (store / name).write_bytes(local.read_bytes())
-        else:
-            continue
-        done.append(name)
-    return done
-
-
-def fetch(workspace: Path, *names: str) -> list[str]:
-    """Download the workspace's `names` (files or folders) into the job's staging folder where it
-    lacks them (a job resumed on a node that never ran it); nothing to do for a file:// workspace.
-    A folder must have its COMMIT, and arrives whole or not at all (downloaded aside, checked
-    against the COMMIT's checksums, then renamed into place)."""
-    uri = workspace_uri(workspace)
-    if is_local(uri):
-        return []
-    store, done = Store.at(uri), []
-    for name in names:
-        if (workspace / name).exists() or not (store / name).exists():
-            continue
-        if (store / name).is_dir():
-            if not (store / name / COMMIT).exists():
-                raise RuntimeError(f"{store / name} has no {COMMIT}: its upload did not finish; run the stage "
-                                   "that writes it again")
-            aside = workspace / f"{name}.fetching"
-            shutil.rmtree(aside, ignore_errors=True)
-            (store / name).get_tree(aside, (store / name / COMMIT).read_json()["files"])
-            aside.rename(workspace / name)
-        else:
-            (workspace / name).parent.mkdir(parents=True, exist_ok=True)
-            (workspace / name).write_bytes((store / name).read_bytes())
-        done.append(name)
-    return done
+def upload_folder(local: Path, store: Store) -> dict[str, dict]:
+    """Replace what is at `store` with the local folder `local`, with the COMMIT (every file's size
+    and sha256, taken from the bytes as they are sent) written last: a reader never takes a folder
+    half uploaded, or half replaced, as complete. Returns the COMMIT's files."""
+    (store / COMMIT).remove()  # first: while the files change, no reader takes the folder as complete
+    store.remove()
+    files = store.put_tree(local)
+    (store / COMMIT).write_json({"files": files})
+    return files

@@ -196,6 +196,13 @@ def workspace_of(recipe_path: Path, dag_run: Any) -> Path:
     return local_path(run_workspace(recipe.storage.root, recipe.name, dag_run.run_id))
 
 
+def local_traces(*needles: str) -> list[str]:
+    """Paths on this machine's posttrain home (Ray temp, model cache, anything a job could stage to)
+    whose name holds one of `needles` (a run's bucket, its workspace folder): what an object-store
+    run left on the local disk."""
+    return sorted(str(p) for p in HOME.rglob("*") if any(n in p.name for n in needles))
+
+
 def free_port() -> int:
     from posttrain.hooks.local_ray import free_ports
 
@@ -235,11 +242,12 @@ def moto_server() -> Iterator[str]:
         os.environ.pop("AIRFLOW_CONN_AWS_MOTO", None)
 
 
-def local_ray_head(num_cpus: int) -> Iterator[dict[str, Any]]:
-    """A local Ray head on 127.0.0.1 (a fixture's body); afterwards not one of its processes is left."""
+def local_ray_head(num_cpus: int, node_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """A local Ray head on 127.0.0.1 (a fixture's body), `node_env` in its processes' environment;
+    afterwards not one of its processes is left."""
     from posttrain.hooks.local_ray import LocalRayCluster
 
-    info = LocalRayCluster.start(num_cpus=num_cpus)
+    info = LocalRayCluster.start(num_cpus=num_cpus, node_env=node_env)
     try:
         yield info
     finally:

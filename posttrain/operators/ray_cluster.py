@@ -8,7 +8,6 @@ nothing else of the run survived).
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 from posttrain import instance_types
@@ -124,19 +123,13 @@ class RayClusterTeardownOperator(PosttrainOperator):
         return {"stopped": stopped, "cleaned": self._clean_node()}
 
     def _clean_node(self) -> list[str]:
-        """What the stopped head's jobs left on this machine, which was their node: the run's
-        staging folder (an object-store workspace) and the model cache's entries no other run holds."""
+        """What the stopped head's jobs left on this machine, which was their node: the model cache's
+        entries no other run holds (the only place a job writes to a node's disk for an object-store
+        workspace; for a file:// one the workspace is the run's own folder, kept)."""
         from posttrain import model_cache
-        from posttrain.storage_fs import staging_folder
 
-        cleaned = []
-        staging = staging_folder(self.workspace) if self.workspace else None
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-            cleaned.append(str(staging))
         removed = model_cache.clear()
-        if removed:
-            cleaned.append(f"{model_cache.cache_root()}: {len(removed)} cached models")
+        cleaned = [f"{model_cache.cache_root()}: {len(removed)} cached models"] if removed else []
         if cleaned:
             self.log.info("removed from this node: %s", "; ".join(cleaned))
         return cleaned

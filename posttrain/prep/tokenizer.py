@@ -11,7 +11,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from posttrain.storage_fs import workspace_store
+from posttrain.storage_fs import Store, workspace_store
 from posttrain.uris import model_location
 
 # The filesystem that reaches a model's URI (an Airflow task's, from its storage connection).
@@ -69,7 +69,7 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
-def require_same_tokenizer(location: str, workspace: Path) -> Any:
+def require_same_tokenizer(location: str, workspace: Store | Path) -> Any:
     """The tokenizer at `location`, if it is the one the workspace's data was prepared with."""
     manifest = (workspace_store(workspace) / "data" / "manifest.json").read_json()
     expected = manifest["tokenizer"]["fingerprint"]

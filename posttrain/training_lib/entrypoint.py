@@ -1,11 +1,10 @@
 """What a Ray job runs: `python -m posttrain.training_lib.entrypoint <stage> --workspace URI`.
 
 The workspace holds `recipe.json` (written by the DAG's first task) and everything earlier
-stages produced, so a stage needs nothing else. It is a file:// folder or an s3:// prefix: on an
-object store the job reads the recipe, the prepared data and the checkpoints from there, works in a
-node-local staging folder for the rest and uploads its outputs at the end (storage_fs.job_workspace);
-the evaluate job loads the export through the node's model cache (evaluation.run.exported).
-Never imports airflow.
+stages produced, so a stage needs nothing else. It is a file:// folder or an s3:// prefix, and a job
+reads and writes it there only: on an object store nothing of the run goes to the node's disk but
+the models it loads or exports, in the node's model cache (posttrain/model_cache.py). Never imports
+airflow.
 """
 
 from __future__ import annotations
@@ -14,10 +13,9 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 
 from posttrain.recipe import Recipe
-from posttrain.storage_fs import Store, job_workspace, publish
+from posttrain.storage_fs import Store
 
 STAGES = ("prepare", "train", "evaluate")
 
@@ -32,9 +30,9 @@ def workspace_recipe(uri: str) -> Recipe:
     return Recipe.model_validate(recipe_file.read_json())
 
 
-def load_workspace(uri: str) -> tuple[Recipe, Path]:
-    """The recipe and the job's local folder for the workspace `uri`."""
-    return workspace_recipe(uri), job_workspace(uri)
+def load_workspace(uri: str) -> tuple[Recipe, Store]:
+    """The recipe and the workspace `uri`."""
+    return workspace_recipe(uri), Store.at(uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-bytes", type=int, default=None,
                         help="prepare: bytes of JSONL per tokenize task (default: about four per CPU of the cluster)")
     args = parser.parse_args(argv)
-    if args.stage == "prepare":  # data.prepare: ray; straight from and to the workspace, no staging folder
+    if args.stage == "prepare":  # data.prepare: ray
         from posttrain.training_lib.data import ray_prepare
 
         result = ray_prepare.run(workspace_recipe(args.workspace), args.workspace, args.chunk_bytes)
@@ -60,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.training_lib.evaluation import run as evaluation
 
         result = evaluation.run(recipe, workspace)
-        publish(workspace, "eval")  # an object-store workspace: the results go to the bucket
     print(f"posttrain {args.stage} finished: {json.dumps(result)}", flush=True)
     return 0
 

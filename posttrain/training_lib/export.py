@@ -15,7 +15,9 @@ from peft import PeftModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from posttrain import model_cache
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import Store
 from posttrain.training_lib.models.components import FOLDER as COMPONENTS_FOLDER
 from posttrain.training_lib.models.components import save_components, split_state
 from posttrain.training_lib.models.loading import apply_lora, pad_vocab, unpad_vocab
@@ -51,6 +53,25 @@ def export(model: torch.nn.Module, recipe: Recipe, out_dir: Path, rank: int) -> 
     unpad_vocab(fresh)
     fresh.config.use_cache = True
     return _save_atomic(fresh, tokenizer, out_dir / "model", with_components)
+
+
+def export_to_workspace(model: torch.nn.Module, recipe: Recipe, workspace: Store, rank: int) -> str | None:
+    """Collective: `export` into the workspace; the URI of the model (or adapter-only) export on
+    rank 0. On a local disk it is written in place. On an object store it is written to a scratch
+    folder of the node's model cache and uploaded folder by folder, each with its commit.json last
+    (the adapter first: a reader that finds model/ committed finds adapter/ too); each folder then
+    stays as the cache's entry for its upload, so an evaluation on this node downloads nothing."""
+    if workspace.local is not None:
+        folder = export(model, recipe, workspace.local, rank)
+        return f"{workspace.uri}/{folder.name}" if folder else None
+    with model_cache.scratch("export") as scratch:
+        folder = export(model, recipe, scratch, rank)
+        if folder is None:
+            return None
+        for name in ("adapter", "model"):
+            if (scratch / name).is_dir():
+                model_cache.publish(scratch / name, (workspace / name).uri)
+    return f"{workspace.uri}/{folder.name}"
 
 
 def _keep_generation_config(model: torch.nn.Module, base: str) -> None:

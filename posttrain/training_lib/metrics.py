@@ -1,5 +1,12 @@
-"""Per-step training metrics: written as JSON lines to the workspace, logged to MLflow, and echoed
-as progress lines (which the Airflow task log shows through the Ray job's log). Only rank 0 logs.
+"""Per-step training metrics: written as JSON lines to the workspace (train/metrics.jsonl), logged
+to MLflow, and echoed as progress lines (which the Airflow task log shows through the Ray job's
+log). Only rank 0 logs.
+
+On a local disk each record is appended as it comes. An object store has no append: the records
+are kept in memory and the whole object is written again at most every FLUSH_S seconds, at every
+checkpoint and at the end, so the workspace holds at least the steps up to its newest checkpoint.
+A resumed job continues from the steps up to the checkpoint it resumed (records a killed job wrote
+after its last checkpoint are dropped: the resumed job logs those steps again).
 
 A record: step, loss, lr, grad_norm, tokens (since the previous record), tokens_per_s and
 tokens_per_s_per_device, mfu (when the device's peak is known), peak_rss_mb (host), and on a GPU
@@ -19,8 +26,11 @@ import torch
 
 from posttrain.planning import model_shape
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import Store
 from posttrain.training_lib.flops import device_peak_flops, mfu, training_flops
 from posttrain.training_lib.tracking import MlflowRun, flatten, tracking_uri
+
+FLUSH_S = 30.0  # an object-store workspace: how stale its metrics.jsonl may get between checkpoints
 
 
 class GpuStats:
@@ -55,17 +65,22 @@ class StepLogger:
     """`log` is called every `log_every` steps; each step has the same number of tokens (packed
     blocks), so the tokens of the steps since the previous record are `tokens` × steps."""
 
-    def __init__(self, path: Path, enabled: bool, total_steps: int, *, world: int = 1, device: str = "cpu",
+    def __init__(self, store: Store, enabled: bool, total_steps: int, *, world: int = 1, device: str = "cpu",
                  flops_per_token: float | None = None, peak_flops: float | None = None,
                  tracker: MlflowRun | None = None, start_step: int = 0):
-        self.path, self.enabled, self.total_steps = path, enabled, total_steps
+        self.store, self.enabled, self.total_steps = store, enabled, total_steps
         self.world, self.device, self.tracker = world, device, tracker
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.started = time.perf_counter()
         self.last_time, self.last_step = self.started, start_step
         self.gpu = GpuStats() if enabled and device == "cuda" else None
+        self.rows: list[dict] = []
+        self.flushed = time.monotonic()
         if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            logged = read_metrics(store)
+            self.rows = [r for r in logged if r["step"] <= start_step]
+            if len(self.rows) != len(logged) or not store.exists():
+                store.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int,
             extra: dict[str, float] | None = None) -> dict:
@@ -94,8 +109,12 @@ class StepLogger:
         if self.device == "cuda":
             record["peak_gpu_alloc_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         record.update(self.gpu.read() if self.gpu else {})
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.rows.append(record)
+        if self.store.local is not None:
+            with self.store.local.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        elif time.monotonic() - self.flushed > FLUSH_S:
+            self.flush()
         print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
               f"tokens/s {record['tokens_per_s']}" + (f" mfu {utilization:.1%}" if utilization is not None else ""),
               flush=True)
@@ -103,13 +122,25 @@ class StepLogger:
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "step" and v is not None}, step)
         return record
 
-    def close(self) -> None:
-        """Log the summary of the job's records to MLflow and end the run."""
-        if not self.enabled or self.tracker is None:
+    def flush(self) -> None:
+        """Bring the workspace's copy of the records (and a per-run MLflow database) up to date."""
+        if not self.enabled:
             return
-        summary = summarize_rows(read_metrics(self.path))
-        self.tracker.log_metrics({f"summary.{k}": v for k, v in summary.items() if v is not None}, self.last_step)
-        self.tracker.finish()
+        if self.store.local is None:
+            self.store.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        if self.tracker is not None:
+            self.tracker.save()
+        self.flushed = time.monotonic()
+
+    def close(self) -> None:
+        """Log the summary of the job's records to MLflow, end the run, and flush."""
+        if not self.enabled:
+            return
+        if self.tracker is not None:
+            summary = summarize_rows(self.rows)
+            self.tracker.log_metrics({f"summary.{k}": v for k, v in summary.items() if v is not None}, self.last_step)
+            self.tracker.finish()
+        self.flush()
 
 
 def summarize_rows(rows: list[dict]) -> dict:
@@ -129,20 +160,21 @@ def summarize_rows(rows: list[dict]) -> dict:
     }
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path | Store) -> list[dict]:
+    """The records of a metrics.jsonl (a local file or an object), [] where there is none."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def make_step_logger(recipe: Recipe, workspace: Path, rank: int, world: int, device: str, total_steps: int,
+def make_step_logger(recipe: Recipe, workspace: Store, rank: int, world: int, device: str, total_steps: int,
                      plan: dict, start_step: int = 0) -> StepLogger:
     """The training job's logger: FLOPs per token from the model's shape (LoRA-aware), the device's
     peak (recipe.tracking.peak_tflops overrides the table), and on rank 0 an MLflow run named after
     the workspace in the recipe's experiment, with the flattened recipe and plan as its params."""
-    path = workspace / "train" / "metrics.jsonl"
+    store = workspace / "train" / "metrics.jsonl"
     if rank != 0:
-        return StepLogger(path, False, total_steps, world=world, device=device, start_step=start_step)
+        return StepLogger(store, False, total_steps, world=world, device=device, start_step=start_step)
     shape = model_shape(recipe)
     flops = training_flops(shape, recipe.data.max_seq_len, recipe.model.lora).total if shape else None
     peak = device_peak_flops(device, plan.get("param_dtype", "float32"), recipe.tracking.peak_tflops)
@@ -154,8 +186,8 @@ def make_step_logger(recipe: Recipe, workspace: Path, rank: int, world: int, dev
     artifacts = None if recipe.tracking.mlflow_uri else f"{recipe.storage.root}/{recipe.name}/mlartifacts"
     tracker = MlflowRun(uri, recipe.name, workspace.name, workspace / "train" / "mlflow_run.json", artifacts)
     tracker.log_params({**flatten(recipe.model_dump(mode="json")), **flatten(plan, "plan."),
-                        "workspace": str(workspace),
+                        "workspace": workspace.uri,
                         "flops_per_token": f"{flops:.6g}" if flops else "None",
                         "peak_tflops": f"{peak / 1e12:g}" if peak else "None"})
-    return StepLogger(path, True, total_steps, world=world, device=device, flops_per_token=flops, peak_flops=peak,
+    return StepLogger(store, True, total_steps, world=world, device=device, flops_per_token=flops, peak_flops=peak,
                       tracker=tracker, start_step=start_step)

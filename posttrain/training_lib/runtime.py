@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -21,10 +20,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from posttrain.planning import Plan
 from posttrain.prep.packing import IGNORE
 from posttrain.recipe import Recipe, TrainingConfig
-from posttrain.storage_fs import Store, fetch, job_workspace, publish, workspace_store, workspace_uri
+from posttrain.storage_fs import Store
 from posttrain.training_lib import checkpoint
-from posttrain.training_lib.export import export
-from posttrain.training_lib.metrics import StepLogger, make_step_logger, read_metrics, summarize_rows
+from posttrain.training_lib.export import export_to_workspace
+from posttrain.training_lib.metrics import StepLogger, make_step_logger, summarize_rows
 from posttrain.training_lib.models.sharded_load import LoadReport
 from posttrain.training_lib.parallel.parallelize import build_parallel_model, make_mesh
 from posttrain.training_lib.parallel.plan import make_plan
@@ -36,12 +35,13 @@ class Worker:
     """This worker's place in the job."""
 
     recipe: Recipe
-    workspace: Path
+    workspace: Store  # a local folder or an object-store prefix: the job writes nothing of it elsewhere
     rank: int
     world: int
     device: str
     plan: Plan
     mesh: DeviceMesh  # ("dp", "tp")
+    logger: StepLogger | None = None  # the loop's (step_logger), flushed with every checkpoint
 
     @property
     def t(self) -> TrainingConfig:
@@ -61,8 +61,7 @@ class Worker:
 
     @property
     def checkpoints(self) -> Store:
-        """Where the workspace lives (an object store for an s3:// workspace), not the staging folder."""
-        return workspace_store(self.workspace) / "checkpoints"
+        return self.workspace / "checkpoints"
 
 
 def choose_device(recipe: Recipe) -> str:
@@ -70,7 +69,7 @@ def choose_device(recipe: Recipe) -> str:
     return "cuda" if torch.cuda.is_available() and recipe.compute.gpus_per_worker > 0 else "cpu"
 
 
-def make_worker(recipe: Recipe, workspace: Path, rank: int, world: int, device: str) -> Worker:
+def make_worker(recipe: Recipe, workspace: Store, rank: int, world: int, device: str) -> Worker:
     """The worker of an already joined process group: the plan for its devices, the recipe's seed,
     the ("dp", "tp") mesh."""
     plan = make_plan(recipe, world, device)
@@ -82,7 +81,7 @@ def start_worker(config: dict) -> Worker:
     """A Ray Train worker (its process group is Ray Train's), from the train loop's config."""
     recipe = Recipe.model_validate(config["recipe"])
     ctx = ray.train.get_context()
-    return make_worker(recipe, job_workspace(config["workspace"]), ctx.get_world_rank(), ctx.get_world_size(),
+    return make_worker(recipe, Store.at(config["workspace"]), ctx.get_world_rank(), ctx.get_world_size(),
                        choose_device(recipe))
 
 
@@ -131,12 +130,10 @@ def announce(worker: Worker, trainable: list[torch.nn.Parameter], report: LoadRe
 
 
 def step_logger(worker: Worker, max_steps: int, start_step: int) -> StepLogger:
-    """Per-step metrics to train/metrics.jsonl (and MLflow on rank 0), continuing at `start_step`
-    (a job resumed on a node that never ran it starts from the workspace's copy)."""
-    if worker.rank == 0:
-        fetch(worker.workspace, "train/metrics.jsonl")
-    return make_step_logger(worker.recipe, worker.workspace, worker.rank, worker.world, worker.device, max_steps,
-                            worker.plan.as_dict(), start_step=start_step)
+    """Per-step metrics to train/metrics.jsonl (and MLflow on rank 0), continuing at `start_step`."""
+    worker.logger = make_step_logger(worker.recipe, worker.workspace, worker.rank, worker.world, worker.device,
+                                     max_steps, worker.plan.as_dict(), start_step=start_step)
+    return worker.logger
 
 
 def packed_micro_batches(worker: Worker, loader: Any) -> tuple[list[dict], torch.Tensor]:
@@ -157,8 +154,8 @@ def save(worker: Worker, step: int, model: torch.nn.Module, optimizer: torch.opt
     """Collective: a complete checkpoint of step `step` with `state` (see resume); the plan's
     `keep_checkpoints` newest are kept."""
     checkpoint.save(worker.checkpoints, step, model, optimizer, state, worker.rank, worker.plan.keep_checkpoints)
-    if worker.rank == 0:  # an object-store workspace holds the steps up to its newest checkpoint, at least
-        publish(worker.workspace, "train/metrics.jsonl")
+    if worker.logger is not None:  # the workspace holds the steps up to its newest checkpoint, at least
+        worker.logger.flush()
 
 
 def maybe_checkpoint(worker: Worker, step: int, max_steps: int, model: torch.nn.Module,
@@ -167,9 +164,9 @@ def maybe_checkpoint(worker: Worker, step: int, max_steps: int, model: torch.nn.
         save(worker, step, model, optimizer, loader.state_dict())
 
 
-def export_model(worker: Worker, model: torch.nn.Module) -> Path | None:
-    """Collective: the model in Hugging Face format under the workspace; its folder on rank 0."""
-    return export(model, worker.recipe, worker.workspace, worker.rank)
+def export_model(worker: Worker, model: torch.nn.Module) -> str | None:
+    """Collective: the model in Hugging Face format in the workspace; its URI on rank 0."""
+    return export_to_workspace(model, worker.recipe, worker.workspace, worker.rank)
 
 
 def finish(worker: Worker, model: torch.nn.Module, logger: StepLogger, max_steps: int,
@@ -177,11 +174,8 @@ def finish(worker: Worker, model: torch.nn.Module, logger: StepLogger, max_steps
     """Close the metrics (and the MLflow run), export the model, write train/summary.json."""
     logger.close()
     model_dir = export_model(worker, model)
-    if worker.rank == 0:
-        summary = {"steps": max_steps, **summarize_rows(read_metrics(worker.workspace / "train" / "metrics.jsonl")),
-                   # Where later stages find it: in the workspace, not this node's staging folder.
-                   "model_dir": f"{workspace_uri(worker.workspace)}/{model_dir.name}" if model_dir else None,
+    if worker.rank == 0:  # after the export: the driver reads the summary
+        summary = {"steps": max_steps, **summarize_rows(logger.rows), "model_dir": model_dir,
                    "plan": worker.plan.as_dict(), **(extra or {})}
-        (worker.workspace / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
-        publish(worker.workspace, "model", "adapter", "train")  # the summary last: the driver reads it
+        (worker.workspace / "train" / "summary.json").write_json(summary)
     dist.barrier()

@@ -1,11 +1,10 @@
 """dags/recipes/tiny-sft-s3.yaml end to end through its DAG with the run workspace in a bucket of
 moto's S3 server (loopback): validate → Ray cluster → prepare (`data.prepare: ray`) → train →
-evaluate → promote → teardown, every artifact of the run in the bucket, nothing of it left on the
-local disk."""
+evaluate → promote → teardown, every artifact of the run in the bucket, nothing of it on the local
+disk (what the jobs write to a node's disk is tested in tests/integration/test_s3_training_job.py)."""
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 
@@ -14,9 +13,8 @@ import yaml
 
 from posttrain.hooks.storage import StorageHook
 from posttrain.recipe import load_recipe
-from posttrain.storage_fs import job_workspace, staging_folder
 from posttrain.training_lib import checkpoint
-from tests.conftest import REPO, run_recipe, task_states
+from tests.conftest import REPO, local_traces, run_recipe, task_states
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
 
@@ -69,8 +67,9 @@ def test_tiny_sft_s3_recipe_end_to_end(tmp_path: Path, tiny_model: Path, moto_se
     champion = (root / "champion.json").read_json()
     assert champion["value"] == metrics["eval_loss"] and champion["model_uri"].startswith(root.uri)
     assert (storage.store(champion["model_uri"]) / "model.safetensors").exists()
-    # The teardown of the local head removed the cluster's token and what its jobs staged here.
+    # Ray Train's state, the metrics and the run's MLflow database are in the bucket too.
+    assert (workspace / "ray_train" / "train").listdir() and (workspace / "train" / "metrics.jsonl").exists()
+    assert (workspace / "train" / "mlflow.db").exists()
+    # The teardown of the local head removed the cluster's token; nothing of the run is on local disk.
     assert not (workspace / "secrets").exists()
-    staging = staging_folder(workspace.uri)
-    assert staging is not None and not staging.exists(), sorted(p.name for p in staging.rglob("*"))[:20]
-    shutil.rmtree(job_workspace(f"s3://{bucket}"))  # the empty folders above it
+    assert local_traces(bucket, workspace.name) == []

@@ -116,7 +116,7 @@ def test_promotion_on_s3_through_moto(tmp_path: Path, moto_server: str) -> None:
     fake_run_workspace(recipe_path, local_ws, 1.5)
     pq.write_table(pa.table({"example_id": ["1-a", "2-b"], "eval_loss__sum": [3.0, 1.5], "eval_loss__tokens": [2, 1]}),
                    local_ws / "eval" / "per_example.parquet")
-    # An export on S3 comes with its commit.json (storage_fs.publish): promotion checks the copy against it.
+    # An export on S3 comes with its commit.json (storage_fs.upload_folder): promotion checks the copy against it.
     files = {f.name: {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
              for f in sorted((local_ws / "model").iterdir())}
     (local_ws / "model" / "commit.json").write_text(json.dumps({"files": files}))

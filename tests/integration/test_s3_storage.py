@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from posttrain.prep.prepare import prepare
 from posttrain.recipe import load_recipe
-from posttrain.storage_fs import COMMIT, Store, fetch, job_workspace, publish, workspace_uri
+from posttrain.storage_fs import COMMIT, Store, upload_folder
 from posttrain.training_lib import checkpoint
 from posttrain.training_lib.data.loader import read_blocks, read_documents, read_manifest
 from tests.conftest import write_recipe
@@ -24,15 +25,13 @@ from tests.conftest import write_recipe
 
 @pytest.fixture
 def s3_root(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh bucket on the moto server, reached from the environment as a Ray job reaches it; the
-    staging folders made for it are removed after the test."""
+    """A fresh bucket on the moto server, reached from the environment as a Ray job reaches it."""
     import boto3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     bucket = f"ws-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     yield f"s3://{bucket}/runs"
-    shutil.rmtree(job_workspace(f"s3://{bucket}"))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -58,41 +57,75 @@ def test_store_reads_writes_lists_and_removes(root: str) -> None:
         (store / "bad.json").read_json()
 
 
-def test_staging_folder_maps_back_to_its_uri(s3_root: str, tmp_path: Path) -> None:
-    staging = job_workspace(f"{s3_root}/r1")
-    assert staging.is_dir() and workspace_uri(staging) == f"{s3_root}/r1"
-    assert workspace_uri(tmp_path) == str(tmp_path) and job_workspace(f"file://{tmp_path}") == tmp_path
-    (staging / "train").mkdir()
-    (staging / "train" / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert publish(staging, "train", "model") == ["train"]
-    assert (Store.at(f"{s3_root}/r1") / "train" / "metrics.jsonl").read_text() == '{"step": 1}\n'
-    with pytest.raises(ValueError, match="'gs' is not supported"):
-        job_workspace("gs://bucket/ws")
-
-
-def test_published_folders_arrive_whole_or_not_at_all(s3_root: str) -> None:
-    staging = job_workspace(f"{s3_root}/r2")
-    (staging / "model" / "sub").mkdir(parents=True)
-    (staging / "model" / "config.json").write_text('{"a": 1}')
-    (staging / "model" / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 100)
-    assert publish(staging, "model") == ["model"]
+def test_uploaded_folders_are_complete_only_with_their_commit(s3_root: str, tmp_path: Path) -> None:
+    local = tmp_path / "model"
+    (local / "sub").mkdir(parents=True)
+    (local / "config.json").write_text('{"a": 1}')
+    (local / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 100)
     store = Store.at(f"{s3_root}/r2") / "model"
-    files = (store / COMMIT).read_json()["files"]
+    (store / "stale.bin").write_bytes(b"from an earlier upload")
+    files = upload_folder(local, store)
+    assert (store / COMMIT).read_json() == {"files": files}
     assert sorted(files) == ["config.json", "sub/weights.bin"] and files["sub/weights.bin"]["size"] == 25600
+    assert sorted(store.sizes()) == [COMMIT, "config.json", "sub/weights.bin"]  # replaced, not merged
 
-    shutil.rmtree(staging)  # another node: it fetches the folder, checked against the COMMIT
-    staging = job_workspace(f"{s3_root}/r2")
-    assert fetch(staging, "model", "adapter") == ["model"]
-    assert (staging / "model" / "sub" / "weights.bin").read_bytes() == bytes(range(256)) * 100
-
-    shutil.rmtree(staging / "model")
+    fetched = tmp_path / "fetched"  # another node: checked against the COMMIT
+    store.get_tree(fetched, files)
+    assert (fetched / "sub" / "weights.bin").read_bytes() == bytes(range(256)) * 100
     (store / "config.json").write_text('{"a": 2}')  # changed after its commit
     with pytest.raises(ValueError, match=r"model/config\.json: 8 bytes with sha256 .* but commit.json lists"):
-        fetch(staging, "model")
-    assert not (staging / "model").exists()
-    (store / COMMIT).remove()  # an upload that never finished
-    with pytest.raises(RuntimeError, match=r"model has no commit.json: its upload did not finish"):
-        fetch(staging, "model")
+        store.get_tree(tmp_path / "again", files)
+
+
+def test_metrics_and_mlflow_of_a_job_live_in_the_bucket(s3_root: str, tmp_path: Path, tiny_model: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An s3:// run's step records and its MLflow database are objects of the workspace (SQLite held
+    in the job's memory, saved whole): a job resumed anywhere continues both, and nothing of them
+    is ever written to the local disk."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    from posttrain.training_lib.metrics import make_step_logger, read_metrics
+
+    recipe = load_recipe(write_recipe(tmp_path, name="s3-metrics", storage={"root": s3_root},
+                                      model={"base": str(tiny_model)}))
+    workspace = Store.at(f"{s3_root}/s3-metrics/runs/manual__1")
+    # Every local place a job could write to, empty: posttrain's home, $HOME, the temp dir, the cwd.
+    places = {name: tmp_path / name for name in ("posttrain_home", "home", "tmp", "cwd")}
+    for place in places.values():
+        place.mkdir()
+    monkeypatch.setenv("POSTTRAIN_HOME", str(places["posttrain_home"]))
+    monkeypatch.setenv("HOME", str(places["home"]))
+    monkeypatch.setattr(tempfile, "tempdir", str(places["tmp"]))
+    monkeypatch.chdir(places["cwd"])
+
+    def job(steps: list[int], start_step: int) -> None:
+        logger = make_step_logger(recipe, workspace, 0, 1, "cpu", 3, {"strategy": "ddp"}, start_step=start_step)
+        for step in steps:
+            logger.log(step, 1.0 / step, 1e-3, 0.5, tokens=64)
+            if step == 2:
+                logger.flush()  # its checkpoint
+        if start_step == 0:
+            return  # killed after step 3, before it flushed again
+        logger.close()
+
+    job([1, 2, 3], 0)
+    assert not [p for place in places.values() for p in place.rglob("*")]
+    assert [r["step"] for r in read_metrics(workspace / "train" / "metrics.jsonl")] == [1, 2]
+    job([3], 2)
+    assert not [p for place in places.values() for p in place.rglob("*")]
+    assert [r["step"] for r in read_metrics(workspace / "train" / "metrics.jsonl")] == [1, 2, 3]
+    assert (workspace / "train" / "mlflow_run.json").read_json()["tracking_uri"] == \
+        f"{workspace.uri}/train/mlflow.db"
+    database = tmp_path / "downloaded.db"  # what a user does to browse it
+    database.write_bytes((workspace / "train" / "mlflow.db").read_bytes())
+    assert sqlite3.connect(database).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    client = MlflowClient(f"sqlite:///{database}")
+    (run,) = client.search_runs([client.get_experiment_by_name(recipe.name).experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "manual__1"  # one run across both jobs
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == {1, 2, 3}
+    assert run.data.params["workspace"] == workspace.uri
 
 
 @pytest.mark.parametrize("mode", ["offline", "streaming"])
@@ -103,13 +136,11 @@ def test_prepare_to_s3_gives_the_local_shards(s3_root: str, tmp_path: Path, tiny
     manifest = read_manifest(local)
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     assert shards and all((Store.at(remote) / s).read_bytes() == (local / s).read_bytes() for s in shards)
-    # The job reads them back from the store through its staging folder, which holds no data.
-    staging = job_workspace(remote)
+    # A job reads them back from the store.
     if mode == "streaming":
-        assert read_documents(staging, "train") == read_documents(local, "train")
-    blocks, want = read_blocks(staging, "eval"), read_blocks(local, "eval")
+        assert read_documents(Store.at(remote), "train") == read_documents(local, "train")
+    blocks, want = read_blocks(Store.at(remote), "eval"), read_blocks(local, "eval")
     assert all(blocks[k].equal(want[k]) for k in want)
-    assert not (staging / "data").exists()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.recipe import RecipeError, load_recipe
-from posttrain.storage_fs import Store, job_workspace
+from posttrain.storage_fs import Store
 from tests.conftest import write_recipe
 
 
@@ -39,5 +39,3 @@ def test_s3_model_locations_are_accepted_as_they_are(tmp_path: Path) -> None:
 def test_stores_refuse_other_schemes() -> None:
     with pytest.raises(ValueError, match=r"gs://b/ws: storage scheme 'gs' is not supported"):
         Store.at("gs://b/ws")
-    with pytest.raises(ValueError, match=r"workspace gs://b/ws: storage scheme 'gs'"):
-        job_workspace("gs://b/ws")

@@ -19,18 +19,18 @@ import pyarrow.parquet as pq
 import torch
 
 from posttrain.recipe import Recipe
-from posttrain.storage_fs import workspace_store
+from posttrain.storage_fs import Store, workspace_store
 from posttrain.training_lib.data.streaming import StreamingLoader, StreamingPacker
 from posttrain.training_lib.seeding import derive_seed
 
 
-def read_manifest(workspace: Path) -> dict:
+def read_manifest(workspace: Store | Path) -> dict:
     """data/manifest.json: the splits' shards and stats, and the tokenizer the data was prepared with
-    (read from where the workspace lives: its folder, or its object store for a job's staging folder)."""
+    (from the workspace's folder or object store)."""
     return (workspace_store(workspace) / "data" / "manifest.json").read_json()
 
 
-def split_tables(workspace: Path, split: str) -> list:
+def split_tables(workspace: Store | Path, split: str) -> list:
     store = workspace_store(workspace)
     tables = []
     for shard in read_manifest(workspace)["splits"][split]["shards"]:
@@ -39,7 +39,7 @@ def split_tables(workspace: Path, split: str) -> list:
     return tables
 
 
-def read_prompts(workspace: Path, split: str) -> list[dict]:
+def read_prompts(workspace: Store | Path, split: str) -> list[dict]:
     """The prompt layout (RL): token ids with the generation prompt, the messages, the reference answer."""
     prompts = [{"ids": r["prompt_input_ids"], "messages": json.loads(r["prompt"]), "answer": r["answer"]}
                for t in split_tables(workspace, split) for r in t.to_pylist()]
@@ -48,14 +48,14 @@ def read_prompts(workspace: Path, split: str) -> list[dict]:
     return prompts
 
 
-def read_documents(workspace: Path, split: str) -> tuple[list[list[int]], list[list[bool]]]:
+def read_documents(workspace: Store | Path, split: str) -> tuple[list[list[int]], list[list[bool]]]:
     """Tokenized, unpacked documents (the streaming layout): ids and which tokens train."""
     tables = split_tables(workspace, split)
     return ([r for t in tables for r in t.column("input_ids").to_pylist()],
             [r for t in tables for r in t.column("assistant_mask").to_pylist()])
 
 
-def read_blocks(workspace: Path, split: str) -> dict[str, torch.Tensor]:
+def read_blocks(workspace: Store | Path, split: str) -> dict[str, torch.Tensor]:
     tables = split_tables(workspace, split)
     out = {}
     for column in ("input_ids", "labels", "position_ids"):
@@ -118,7 +118,8 @@ def steps_for(recipe: Recipe, blocks_per_epoch: int, dp_size: int) -> int:
     return t.epochs * max(1, blocks_per_epoch // (t.micro_batch_size * t.grad_accum * dp_size))
 
 
-def make_loader(recipe: Recipe, workspace: Path, rank: int, world: int) -> tuple[PackedLoader | StreamingLoader, int]:
+def make_loader(recipe: Recipe, workspace: Store | Path, rank: int,
+                world: int) -> tuple[PackedLoader | StreamingLoader, int]:
     """This rank's micro-batches of the prepared train split: offline-packed blocks, or blocks packed
     on the fly from the document stream. Returns (loader, blocks per epoch over all ranks)."""
     t, packing = recipe.training, recipe.data.packing

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from posttrain.prep.packing import IGNORE, shifted_labels
+from posttrain.storage_fs import Store
 from posttrain.training_lib.data.loader import PackedLoader, split_tables
 
 Pair = tuple[list[int], list[bool], list[int], list[bool]]  # chosen ids, mask, rejected ids, mask
 
 
-def read_pairs(workspace: Path, split: str) -> list[Pair]:
+def read_pairs(workspace: Store | Path, split: str) -> list[Pair]:
     pairs: list[Pair] = []
     for table in split_tables(workspace, split):
         pairs.extend(zip(*(table.column(c).to_pylist() for c in

@@ -11,6 +11,7 @@ import torch
 
 from posttrain.prep.packing import IGNORE
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import Store
 from posttrain.training_lib.data.loader import read_blocks
 from posttrain.training_lib.evaluation.loss import block_documents
 from posttrain.training_lib.losses.distill import distill_loss
@@ -19,7 +20,7 @@ from posttrain.uris import model_location
 
 
 @torch.no_grad()
-def divergence_to_teacher(recipe: Recipe, model_dir: Path, workspace: Path, batch_size: int = 4
+def divergence_to_teacher(recipe: Recipe, model_dir: Path, workspace: Store, batch_size: int = 4
                           ) -> tuple[dict, dict[int, dict]]:
     kd = recipe.kd
     student, teacher = load_for_eval(model_dir), load_for_eval(model_location(kd.teacher))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from posttrain.prep.packing import IGNORE
+from posttrain.storage_fs import Store
 from posttrain.training_lib.data.loader import read_blocks, split_tables
 from posttrain.training_lib.losses.chunked import chunked_cross_entropy
 from posttrain.training_lib.losses.logprobs import token_logprobs
@@ -21,7 +22,7 @@ from posttrain.training_lib.models.loading import load_for_eval
 from posttrain.training_lib.models.with_loss import CausalLMWithLoss, base_model, output_weight
 
 
-def block_documents(workspace: Path, split: str = "eval") -> tuple[list[list[int]], list[list[int]]] | None:
+def block_documents(workspace: Store, split: str = "eval") -> tuple[list[list[int]], list[list[int]]] | None:
     """Per block: its documents' lengths and source lines; None for data prepared before prepare
     recorded the lines (those runs get no per-example loss)."""
     tables = split_tables(workspace, split)
@@ -32,7 +33,7 @@ def block_documents(workspace: Path, split: str = "eval") -> tuple[list[list[int
 
 
 @torch.no_grad()
-def eval_loss(model_dir: Path, workspace: Path, batch_size: int = 4) -> tuple[dict, dict[int, dict]]:
+def eval_loss(model_dir: Path, workspace: Store, batch_size: int = 4) -> tuple[dict, dict[int, dict]]:
     """({eval_loss, eval_tokens}, {line: {eval_loss__sum, eval_loss__tokens}})."""
     lm = load_for_eval(model_dir)
     # The export's custom head (model/components/), as training applied it; none for a plain export.

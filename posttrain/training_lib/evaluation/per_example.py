@@ -8,6 +8,7 @@ fingerprints, which promotion checks before pairing."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from posttrain.prep.prepare import read_jsonl
 from posttrain.promotion_stats import ID, example_id
+from posttrain.storage_fs import Store, workspace_store
 
 NAME = "per_example.parquet"
 
@@ -34,8 +36,8 @@ def fingerprint(ids: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
-def write(out_dir: Path, by_key: Mapping[Any, Mapping[str, Any]], ids: Mapping[Any, str],
-          metadata: Mapping[str, Any]) -> Path:
+def write(out_dir: Store | Path, by_key: Mapping[Any, Mapping[str, Any]], ids: Mapping[Any, str],
+          metadata: Mapping[str, Any]) -> Store:
     """Rows of `by_key` (line or index → {column: value}) under their example id, in key order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -44,6 +46,8 @@ def write(out_dir: Path, by_key: Mapping[Any, Mapping[str, Any]], ids: Mapping[A
     columns = sorted({c for k in keys for c in by_key[k]})
     data = {ID: [ids[k] for k in keys], **{c: [by_key[k].get(c) for k in keys] for c in columns}}
     table = pa.table(data).replace_schema_metadata({"posttrain": json.dumps(dict(metadata))})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out_dir / NAME)
-    return out_dir / NAME
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    target = workspace_store(out_dir) / NAME
+    target.write_bytes(buffer.getvalue())  # one object: a reader sees the whole table or none
+    return target

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import Store
 from posttrain.training_lib.data.loader import read_manifest
 from posttrain.training_lib.data.pairs import collate_pairs, read_pairs
 from posttrain.training_lib.losses.logprobs import pair_logprobs
@@ -19,7 +20,7 @@ from posttrain.training_lib.models.with_loss import CausalLMWithLoss
 
 
 @torch.no_grad()
-def preference_metrics(recipe: Recipe, model_dir: Path, workspace: Path, pairs_per_batch: int = 8
+def preference_metrics(recipe: Recipe, model_dir: Path, workspace: Store, pairs_per_batch: int = 8
                        ) -> tuple[dict, list[dict]]:
     """(metrics, per pair in prepared order: its accuracy (0/1), reward margin and DPO loss)."""
     dpo = recipe.dpo

@@ -9,11 +9,12 @@ from transformers import AutoTokenizer
 
 from posttrain.recipe import Recipe
 from posttrain.rewards import score
+from posttrain.storage_fs import Store
 from posttrain.training_lib.data.loader import read_prompts
 from posttrain.training_lib.models.vllm_engine import make_engine, sampling_params, stop_token_ids
 
 
-def reward_metrics(recipe: Recipe, model_dir: Path, workspace: Path) -> tuple[dict, list[dict], list[dict]]:
+def reward_metrics(recipe: Recipe, model_dir: Path, workspace: Store) -> tuple[dict, list[dict], list[dict]]:
     """(metrics, samples, per prompt in prepared order: its reward_mean (weighted total), each
     reward and the generation)."""
     g = recipe.grpo

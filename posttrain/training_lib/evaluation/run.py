@@ -6,13 +6,13 @@ eval/per_example.parquet (each example's values, for promotion's paired comparis
 from __future__ import annotations
 
 import json
-import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 from posttrain import model_cache
 from posttrain.prep.tokenizer import require_same_tokenizer
 from posttrain.recipe import Recipe
-from posttrain.storage_fs import COMMIT, Store, is_local, workspace_uri
+from posttrain.storage_fs import COMMIT, Store, workspace_store
 from posttrain.training_lib.data.loader import read_manifest, read_prompts
 from posttrain.training_lib.data.pairs import read_pairs
 from posttrain.training_lib.evaluation import per_example
@@ -25,28 +25,34 @@ from posttrain.training_lib.export import merged_from_adapter
 from posttrain.training_lib.models.components import components_of
 
 
-def exported(workspace: Path, name: str) -> Path | None:
+def exported(workspace: Store, name: str) -> Path | None:
     """The run's export `name` (model/ or adapter/) as a local folder, None where there is none. On
     a local disk, the workspace's own; for an object-store workspace, this node's model-cache entry
-    (keyed by the export's commit.json, so a node downloads it once and checks every file's sha256;
-    the evaluate jobs of later runs on the node reuse it when the export is promoted unchanged)."""
-    uri = workspace_uri(workspace)
-    if is_local(uri):
-        return workspace / name if (workspace / name).exists() else None
-    store = Store.at(uri) / name
+    (keyed by the export's commit.json: the train job's own export when it ran on this node, else
+    downloaded once, every file checked against its sha256; the evaluate jobs of later runs on the
+    node reuse it when the export is promoted unchanged)."""
+    if workspace.local is not None:
+        return workspace.local / name if (workspace.local / name).exists() else None
+    store = workspace / name
     return model_cache.model_dir(store.uri) if (store / COMMIT).exists() else None
 
 
-def run(recipe: Recipe, workspace: Path) -> dict:
+def run(recipe: Recipe, workspace: Store | Path) -> dict:
+    with ExitStack() as stack:
+        return _run(recipe, workspace_store(workspace), stack)
+
+
+def _run(recipe: Recipe, workspace: Store, stack: ExitStack) -> dict:
     if not recipe.data.eval:
         raise RuntimeError(f"recipe {recipe.name}: data.eval is not set, there is nothing to evaluate on")
     model_dir = exported(workspace, "model")
     if model_dir is None:
         adapter = exported(workspace, "adapter")
         if adapter is None:
-            raise RuntimeError(f"{workspace_uri(workspace)}: no complete model/ or adapter/ export: run the train "
-                               "stage first")
-        model_dir = merged_from_adapter(recipe, adapter, workspace / "eval" / "merged")  # adapter-only export
+            raise RuntimeError(f"{workspace.uri}: no complete model/ or adapter/ export: run the train stage first")
+        # An adapter-only export: base + adapter merged for vLLM and the loss, in a scratch folder of
+        # the node's model cache that goes when the evaluation ends (the published artifact is the adapter).
+        model_dir = merged_from_adapter(recipe, adapter, stack.enter_context(model_cache.scratch("merged")) / "merged")
     require_same_tokenizer(str(model_dir), workspace)
     wanted = recipe.evaluation.metrics
     metrics: dict = {}
@@ -90,16 +96,11 @@ def run(recipe: Recipe, workspace: Path) -> dict:
             per_line = {line: {"generated": v["generated"]} for line, v in per_line.items()}
         _merge(by_key, per_line)
     out = workspace / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "samples.jsonl").open("w") as fh:
-        for sample in samples:
-            fh.write(json.dumps(sample) + "\n")
+    (out / "samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
     per_example.write(out, by_key, ids, {
         "eval_data": recipe.data.eval, "eval_fingerprint": per_example.fingerprint(ids.values()),
         "tokenizer_fingerprint": read_manifest(workspace)["tokenizer"]["fingerprint"]})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if model_dir.name == "merged":  # scratch: the published artifact is the adapter
-        shutil.rmtree(model_dir)
+    (out / "metrics.json").write_json(metrics)  # last: what the evaluate task reads
     print("eval metrics: " + json.dumps(metrics), flush=True)
     return metrics
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import fmean, pstdev
 from typing import Any
 
@@ -17,10 +16,10 @@ import torch
 from transformers import AutoConfig
 
 from posttrain.recipe import GrpoConfig, Recipe
-from posttrain.storage_fs import publish, workspace_uri
+from posttrain.storage_fs import Store
 from posttrain.training_lib.data.loader import read_manifest
 from posttrain.training_lib.losses.grpo import group_advantages
-from posttrain.training_lib.metrics import read_metrics, summarize_rows
+from posttrain.training_lib.metrics import StepLogger, summarize_rows
 from posttrain.training_lib.models.loading import model_dir
 from posttrain.training_lib.models.vllm_engine import stop_token_ids
 from posttrain.training_lib.rl.policy import PolicyWorker
@@ -73,14 +72,14 @@ def on_policy(calls: list[Any]) -> list[Any]:
     return results
 
 
-def start_roles(recipe: Recipe, workspace: Path, tokenizer: Any) -> Roles:
+def start_roles(recipe: Recipe, workspace: Store, tokenizer: Any) -> Roles:
     """Policy actors (their own process group, rank 0's node as the rendezvous), rollout engines in
     the policy's precision, and the reward actor."""
     g, c = recipe.grpo, recipe.compute
     actor = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker)(PolicyWorker)
     policy = [actor.remote() for _ in range(c.workers)]
     host, port = ray.get(policy[0].node_address.remote())
-    infos = on_policy([p.init.remote(recipe.model_dump_json(), workspace_uri(workspace), r, c.workers,
+    infos = on_policy([p.init.remote(recipe.model_dump_json(), workspace.uri, r, c.workers,
                                      f"{host}:{port}")
                        for r, p in enumerate(policy)])
     plan = infos[0]["plan"]
@@ -167,14 +166,14 @@ def step_metrics(scores: dict, rollouts: list[dict], result: dict, clock: dict, 
             "stale": float(rollouts[0]["version"] < step - 1)}  # sampled by an older policy than the last
 
 
-def finish(roles: Roles, workspace: Path, max_steps: int) -> dict:
-    """Export the policy (rank 0 writes model/ and adapter/), leave the process group, write the summary."""
-    model_dir_out = on_policy([p.export.remote() for p in roles.policy])[0]
+def finish(roles: Roles, workspace: Store, logger: StepLogger, max_steps: int) -> dict:
+    """Close the metrics, export the policy (rank 0 writes model/ and adapter/), leave the process
+    group, write the summary (last: the driver's result)."""
+    logger.close()
+    model_uri = on_policy([p.export.remote() for p in roles.policy])[0]
     on_policy([p.close.remote() for p in roles.policy])
-    logged = read_metrics(workspace / "train" / "metrics.jsonl")
-    summary = {"steps": max_steps, **summarize_rows(logged), "model_dir": model_dir_out, "plan": roles.plan}
-    if logged:
-        summary.update(reward_first=logged[0]["reward/mean"], reward_last=logged[-1]["reward/mean"])
-    (workspace / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
-    publish(workspace, "model", "adapter", "train")  # an s3:// workspace: the outputs go to the bucket
+    summary = {"steps": max_steps, **summarize_rows(logger.rows), "model_dir": model_uri, "plan": roles.plan}
+    if logger.rows:
+        summary.update(reward_first=logger.rows[0]["reward/mean"], reward_last=logger.rows[-1]["reward/mean"])
+    (workspace / "train" / "summary.json").write_json(summary)
     return summary

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from posttrain.prep.packing import IGNORE
 from posttrain.recipe import Recipe
-from posttrain.storage_fs import job_workspace
+from posttrain.storage_fs import Store
 from posttrain.training_lib import runtime
 from posttrain.training_lib.grad_clip import clip_grad_norm
 from posttrain.training_lib.losses.grpo import grpo_loss
@@ -60,7 +60,7 @@ class PolicyWorker:
             torch.cuda.set_device(0)  # Ray gives each actor its own GPU as device 0
         dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://{master}",
                                 rank=rank, world_size=world)
-        self.w = runtime.make_worker(recipe, job_workspace(workspace), rank, world, device)
+        self.w = runtime.make_worker(recipe, Store.at(workspace), rank, world, device)
         self.model, self.trainable, self.optimizer, report = runtime.build_model(self.w)
         g = recipe.grpo
         # The KL term's reference: with LoRA the base with the adapters off, else a frozen copy.
@@ -163,8 +163,8 @@ class PolicyWorker:
         return {"buckets": buckets}
 
     def export(self) -> str | None:
-        model_dir = runtime.export_model(self.w, self.model)
-        return str(model_dir) if model_dir else None
+        """Collective: the export's URI on rank 0."""
+        return runtime.export_model(self.w, self.model)
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -9,13 +9,14 @@ the workspace instead of being computed again.
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import torch
 import torch.distributed as dist
 
 from posttrain.prep.packing import IGNORE
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import Store
 from posttrain.training_lib import runtime
 from posttrain.training_lib.data.loader import read_manifest
 from posttrain.training_lib.data.pairs import Pair, PairLoader, collate_pairs, read_pairs
@@ -84,9 +85,9 @@ def precomputed_reference(w: runtime.Worker, model: torch.nn.Module, pairs: list
     under the model before its first update, i.e. the reference. Computed once by the data-parallel
     ranks together (each scores a share; every rank runs the same number of forwards, which FSDP's
     collectives need) and kept in train/reference_logps.pt, so a resumed job reads it back."""
-    path = w.workspace / "train" / REFERENCE_FILE
-    if path.exists():
-        saved = torch.load(path)
+    saved_at = w.workspace / "train" / REFERENCE_FILE
+    if saved_at.exists():
+        saved = torch.load(io.BytesIO(saved_at.read_bytes()))
         if saved["pairs"] == len(pairs):
             return saved["logps"]
     per_rank = -(-len(pairs) // w.dp_size)
@@ -112,13 +113,12 @@ def precomputed_reference(w: runtime.Worker, model: torch.nn.Module, pairs: list
     dist.all_reduce(out, group=w.dp_group)  # each pair was scored by exactly one dp rank
     out = out.cpu()
     if w.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"pairs": len(pairs), "logps": out}, tmp)
-        tmp.rename(path)
+        buffer = io.BytesIO()
+        torch.save({"pairs": len(pairs), "logps": out}, buffer)
+        saved_at.write_bytes(buffer.getvalue())  # whole: a reader sees the old one or the new one
     return out
 
 
-def run(recipe: Recipe, workspace: Path) -> dict:
+def run(recipe: Recipe, workspace: Store) -> dict:
     """The Ray job driver: fit on the cluster this job runs in."""
     return fit(recipe, workspace, train_loop)

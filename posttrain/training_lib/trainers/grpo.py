@@ -16,13 +16,13 @@ all three and syncs the engines first, so it samples exactly what the uninterrup
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
 
 from posttrain.prep.tokenizer import require_same_tokenizer
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import Store
 from posttrain.training_lib.data.loader import read_prompts
 from posttrain.training_lib.metrics import make_step_logger
 from posttrain.training_lib.rl.controller import (
@@ -40,7 +40,7 @@ from posttrain.training_lib.runtime import checkpoint_due
 from posttrain.training_lib.seeding import derive_seed
 
 
-def run(recipe: Recipe, workspace: Path) -> dict:
+def run(recipe: Recipe, workspace: Store) -> dict:
     tokenizer = require_same_tokenizer(recipe.tokenizer_uri, workspace)
     g, t = recipe.grpo, recipe.training
     prompts = read_prompts(workspace, "train")
@@ -94,6 +94,6 @@ def run(recipe: Recipe, workspace: Path) -> dict:
             # it is then sampled by this step's policy, not the previous one). Sampling seeds come
             # from (seed, step), so the cursor is all the controller's RNG state there is.
             on_policy([p.save.remote(step, {"cursor": cursor_before_next}) for p in roles.policy])
+            logger.flush()  # the workspace holds the steps up to its newest checkpoint, at least
 
-    logger.close()
-    return finish(roles, workspace, max_steps)
+    return finish(roles, workspace, logger, max_steps)

@@ -8,13 +8,12 @@ chunks of positions, mixed by kd.weight and normalised by the step's global targ
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
 from posttrain.prep.tokenizer import require_same_tokenizer
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import Store
 from posttrain.training_lib import runtime
 from posttrain.training_lib.data.loader import make_loader, steps_for
 from posttrain.training_lib.grad_clip import clip_grad_norm
@@ -66,7 +65,7 @@ def train_loop(config: dict) -> None:
     runtime.finish(w, model, logger, max_steps)
 
 
-def run(recipe: Recipe, workspace: Path) -> dict:
+def run(recipe: Recipe, workspace: Store) -> dict:
     """The Ray job driver: refuse a teacher of another tokenizer, then fit."""
     require_same_tokenizer(recipe.kd.teacher, workspace)
     return fit(recipe, workspace, train_loop)

@@ -8,12 +8,11 @@ Ray worker continues where training stopped instead of starting over.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
 from posttrain.recipe import Recipe
+from posttrain.storage_fs import Store
 from posttrain.training_lib import runtime
 from posttrain.training_lib.data.loader import make_loader, steps_for
 from posttrain.training_lib.grad_clip import clip_grad_norm
@@ -55,6 +54,6 @@ def train_loop(config: dict) -> None:
     runtime.finish(w, model, logger, max_steps)
 
 
-def run(recipe: Recipe, workspace: Path) -> dict:
+def run(recipe: Recipe, workspace: Store) -> dict:
     """The Ray job driver: fit on the cluster this job runs in."""
     return fit(recipe, workspace, train_loop)

@@ -97,7 +97,7 @@ def test_train_and_evaluate_jobs_refuse_another_tokenizer(tmp_path: Path, tiny_m
     hook = RayJobHook(address=ray_cluster["dashboard_url"], token_file=ray_cluster["token_file"])
     status, logs = wait(hook, submit(hook, ray_cluster, workspace, "tok-train"))
     assert status == "FAILED"
-    assert f"TokenizerMismatch: tokenizer at {other} has fingerprint {actual}, but {workspace}/data " \
+    assert f"TokenizerMismatch: tokenizer at {other} has fingerprint {actual}, but file://{workspace}/data " \
            f"was prepared with {prepared}" in logs, logs[-3000:]
     # Refused in the driver, before any worker trained a step or wrote a checkpoint.
     assert not (workspace / "train").exists() and not (workspace / "checkpoints").exists()
@@ -109,5 +109,5 @@ def test_train_and_evaluate_jobs_refuse_another_tokenizer(tmp_path: Path, tiny_m
                           f"--workspace file://{workspace}", "tok-evaluate")
     status, logs = wait(hook, job)
     assert status == "FAILED"
-    assert f"has fingerprint {actual}, but {workspace}/data was prepared with {prepared}" in logs, logs[-3000:]
+    assert f"has fingerprint {actual}, but file://{workspace}/data was prepared with {prepared}" in logs, logs[-3000:]
     assert not (workspace / "eval" / "metrics.json").exists()

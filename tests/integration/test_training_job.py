@@ -97,7 +97,8 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path, cluster: d
 
     status, logs = wait(hook, submit(hook, cluster, interrupted, "resumed"))
     assert status == "SUCCEEDED", logs[-3000:]
-    assert f"resumed from {interrupted}/checkpoints/step-{resumed_at:08d} at step {resumed_at}" in logs
+    # The job names its checkpoint by the workspace URI (file:// here, s3:// in a bucket).
+    assert f"resumed from file://{interrupted}/checkpoints/step-{resumed_at:08d} at step {resumed_at}" in logs
 
     # One Ray Train worker dies mid-run: FailureConfig restarts the group, which resumes from the
     # last checkpoint inside the same job.

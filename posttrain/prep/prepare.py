@@ -248,20 +248,22 @@ def load_checked_tokenizer(recipe: Recipe, models: ModelFs | None = None) -> Any
     return tokenizer
 
 
-def manifest_for(recipe: Recipe, tokenizer: Any, splits: dict[str, dict]) -> dict:
-    """The manifest of prepared data: the one layout both the local and the Ray prepare write."""
+def tokenizer_facts(tokenizer: Any) -> dict[str, Any]:
+    """What the manifest records of the tokenizer (the Ray prepare's driver gets them from its
+    workers, so it never loads the tokenizer itself)."""
+    return {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "block_pad_id": block_pad_id(tokenizer)}
+
+
+def manifest_for(recipe: Recipe, facts: dict[str, Any], splits: dict[str, dict]) -> dict:
+    """The manifest of prepared data: the one layout both the local and the Ray prepare write.
+    `facts`: the tokenizer's (tokenizer_facts)."""
     return {
         "format": recipe.data.format,
         "max_seq_len": recipe.data.max_seq_len,
         "packing": recipe.data.packing.model_dump(),
-        "tokenizer": {
-            "uri": recipe.tokenizer_uri,
-            "fingerprint": tokenizer_fingerprint(tokenizer),
-            "size": len(tokenizer),
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "block_pad_id": block_pad_id(tokenizer),
-        },
+        "tokenizer": {"uri": recipe.tokenizer_uri, **facts},
         "splits": splits,
     }
 
@@ -277,6 +279,6 @@ def prepare(recipe: Recipe, workspace: Path | str | Store, open_binary: Opener |
     out_dir = (workspace if isinstance(workspace, Store) else Store.at(workspace)) / "data"
     splits = {name: prepare_split(tokenizer, uri, recipe, out_dir, name, open_binary)
               for name, uri in split_uris(recipe).items()}
-    manifest = manifest_for(recipe, tokenizer, splits)
+    manifest = manifest_for(recipe, tokenizer_facts(tokenizer), splits)
     (out_dir / "manifest.json").write_json(manifest)
     return manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -130,17 +131,34 @@ def test_jobs_keep_their_temp_files_in_the_repo(cluster: dict[str, Any]) -> None
     assert f"tmp={posttrain_home() / 'tmp'}" in event["log_tail"]
 
 
+def prepare_job(cluster: dict[str, Any], recipe: Any, workspace: Path, name: str) -> tuple[str, str]:
+    """The prepare job as RayPrepareDataOperator submits it, with ranges small enough that the
+    sample data is tokenized in many calls; its final status and logs."""
+    import time
+
+    from posttrain.hooks.ray import TERMINAL_STATES
+
+    workspace.mkdir()
+    (workspace / "recipe.json").write_text(recipe.model_dump_json())
+    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
+    job = hook.submit_job(f"{cluster['python']} -m posttrain.training_lib.entrypoint prepare "
+                          f"--workspace file://{workspace} --chunk-bytes 4096", name, entrypoint_num_cpus=0)
+    deadline = time.monotonic() + 180
+    while (status := hook.get_job(job)["status"]) not in TERMINAL_STATES:
+        assert time.monotonic() < deadline, "the prepare job did not finish in 180 s"
+        time.sleep(0.5)
+    return status, hook.get_job_logs(job)
+
+
 @pytest.mark.parametrize("data_format", ["chat", "preference"])
 def test_prepare_on_ray_writes_the_local_bytes(cluster: dict[str, Any], tmp_path, tiny_model, data_format: str) -> None:
     """`data.prepare: ray`: the prepare job (as RayPrepareDataOperator submits it, with ranges small
-    enough that the sample data is tokenized by many Ray Data tasks) writes the manifest and shards
+    enough that the sample data is tokenized in many calls) writes the manifest and shards
     the local prepare writes, byte for byte: chat conversations, and preference pairs (prompts take
     the same path; tests/unit/test_ray_prepare_plan.py covers both without Ray)."""
     import filecmp
     import json
-    import time
 
-    from posttrain.hooks.ray import TERMINAL_STATES
     from posttrain.prep.prepare import prepare
     from posttrain.recipe import load_recipe
     from tests.conftest import REPO, write_recipe
@@ -154,17 +172,7 @@ def test_prepare_on_ray_writes_the_local_bytes(cluster: dict[str, Any], tmp_path
             "eval": str(pairs / "eval.jsonl")}))
     prepare(recipe, tmp_path / "local")
     workspace = tmp_path / "on-ray"
-    workspace.mkdir()
-    (workspace / "recipe.json").write_text(recipe.model_dump_json())
-    hook = RayJobHook(address=cluster["dashboard_url"], token_file=cluster["token_file"])
-    job = hook.submit_job(f"{cluster['python']} -m posttrain.training_lib.entrypoint prepare "
-                          f"--workspace file://{workspace} --chunk-bytes 4096", f"prepare-on-ray-{data_format}",
-                          entrypoint_num_cpus=0)
-    deadline = time.monotonic() + 180
-    while (status := hook.get_job(job)["status"]) not in TERMINAL_STATES:
-        assert time.monotonic() < deadline, "the prepare job did not finish in 180 s"
-        time.sleep(0.5)
-    logs = hook.get_job_logs(job)
+    status, logs = prepare_job(cluster, recipe, workspace, f"prepare-on-ray-{data_format}")
     assert status == "SUCCEEDED", logs[-3000:]
     assert "posttrain prepare finished" in logs
     local = sorted(p.name for p in (tmp_path / "local" / "data").iterdir())
@@ -174,6 +182,33 @@ def test_prepare_on_ray_writes_the_local_bytes(cluster: dict[str, Any], tmp_path
         assert filecmp.cmp(tmp_path / "local" / "data" / name, workspace / "data" / name, shallow=False), name
     manifest = json.loads((workspace / "data" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 400
+
+
+def test_prepare_on_ray_refuses_a_teacher_of_another_tokenizer(cluster: dict[str, Any], tmp_path, tiny_model,
+                                                             tiny_teacher) -> None:
+    """The Ray prepare's driver never loads the tokenizer (its workers report the fingerprint): a
+    distillation teacher whose tokenizer differs is still refused, with both fingerprints, before
+    any shard is written."""
+    import shutil
+
+    from posttrain.prep.prepare import tokenizer_facts
+    from posttrain.prep.tokenizer import load_tokenizer
+    from posttrain.recipe import load_recipe
+    from tests.conftest import write_recipe
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_teacher, other)
+    template = other / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    recipe = load_recipe(write_recipe(tmp_path, name="kd-ray-prep", paradigm="kd", data={"prepare": "ray"},
+                                      kd={"teacher": str(other), "weight": 1.0}))
+    workspace = tmp_path / "on-ray"
+    status, logs = prepare_job(cluster, recipe, workspace, "prepare-on-ray-kd")
+    assert status == "FAILED", logs[-3000:]
+    student = tokenizer_facts(load_tokenizer(recipe.tokenizer_uri))["fingerprint"]
+    assert f"TokenizerMismatch: kd.teacher file://{other}: its tokenizer has fingerprint " in logs
+    assert f"has {student}; distillation needs the same tokenizer" in logs
+    assert not list(workspace.rglob("*.parquet")) and not (workspace / "data" / "manifest.json").exists()
 
 
 def test_a_submission_waits_out_a_dashboard_that_is_not_ready(cluster: dict[str, Any]) -> None:

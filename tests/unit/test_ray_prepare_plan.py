@@ -14,8 +14,7 @@ import pytest
 
 from posttrain.prep import shards
 from posttrain.prep.chat import TemplateError
-from posttrain.prep.prepare import prepare, row_format
-from posttrain.prep.tokenizer import load_tokenizer
+from posttrain.prep.prepare import prepare, row_format, tokenizer_facts
 from posttrain.recipe import load_recipe
 from posttrain.storage_fs import Store
 from posttrain.training_lib.data import ray_prepare, ray_shards
@@ -37,18 +36,20 @@ def test_ranges_start_at_lines_and_cover_the_file(tmp_path: Path) -> None:
                                                                "end": len(raw)}]
 
 
-def ray_free(recipe, tokenizer, uri: str, out: Path, split: str, chunk_bytes: int, order=None) -> dict:
-    """prepare_split_on_ray's steps, each as the Ray task would run it, in this process. `order`:
-    the order the tokenized ranges arrive in (default: file order)."""
+def ray_free(recipe, uri: str, out: Path, split: str, chunk_bytes: int, order=None) -> dict:
+    """prepare_split_on_ray's steps, each as the Ray actor or task would run it, in this process.
+    `order`: the order the tokenized ranges arrive in (default: file order)."""
     chunks = ray_prepare.plan_chunks(uri, chunk_bytes)
     if recipe.data.format == "chat":
         fn, kwargs = ray_prepare.tokenize_chat_range, {"data": recipe.data.model_dump()}
     else:
         fn, kwargs = ray_prepare.tokenize_rows_range, {"fmt": row_format(recipe)}
-    tables = [ray_prepare.tokenize_batch(pa.Table.from_pylist([chunk]), fn, tokenizer_uri=recipe.tokenizer_uri,
-                                         **kwargs) for chunk in chunks]
+    actor = ray_prepare.TokenizeRanges(fn, recipe.tokenizer_uri, **kwargs)
+    tables = [actor(pa.Table.from_pylist([chunk])) for chunk in chunks]
     blocks = [(tables[i], ray_prepare.summary(tables[i])) for i in (order or range(len(tables)))]
-    return ray_shards.write_split(blocks, tokenizer, uri, recipe, Store.at(out) / "data", split, len(chunks),
+    facts = ray_prepare.facts_of(blocks[0][1][0])  # what the driver takes from the first range to arrive
+    assert facts == tokenizer_facts(ray_prepare.load_tokenizer(recipe.tokenizer_uri))
+    return ray_shards.write_split(blocks, facts, uri, recipe, Store.at(out) / "data", split, len(chunks),
                                    remote=False)
 
 
@@ -59,13 +60,12 @@ def test_many_ranges_and_shards_give_the_local_bytes(tmp_path: Path, tiny_model:
     monkeypatch.setattr(shards, "DOCS_PER_SHARD", 32)
     recipe = load_recipe(write_recipe(tmp_path, data={"packing": {"mode": mode}}))
     manifest = prepare(recipe, tmp_path / "local")
-    tokenizer = load_tokenizer(recipe.tokenizer_uri)
     for split, uri in (("train", recipe.data.train), ("eval", recipe.data.eval)):
-        stats = ray_free(recipe, tokenizer, uri, tmp_path / "ray", split, chunk_bytes=3000)
+        stats = ray_free(recipe, uri, tmp_path / "ray", split, chunk_bytes=3000)
         assert json.dumps(stats) == json.dumps(manifest["splits"][split])
         # Ranges that come back out of order are cut into the same windows.
         n = len(ray_prepare.plan_chunks(uri, 3000))
-        shuffled = ray_free(recipe, tokenizer, uri, tmp_path / "shuffled", split, chunk_bytes=3000,
+        shuffled = ray_free(recipe, uri, tmp_path / "shuffled", split, chunk_bytes=3000,
                             order=[*range(1, n, 2), *range(0, n, 2)])
         assert json.dumps(shuffled) == json.dumps(stats)
         assert len(stats["shards"]) > 2
@@ -86,11 +86,11 @@ def test_a_refused_row_is_named_by_its_line_in_the_file(tmp_path: Path, tokenize
     data.write_text("\n".join(rows) + "\n")
     recipe = load_recipe(write_recipe(tmp_path, data={"train": str(data), "eval": str(data)}))
     gemma2 = tokenizer_for(tokenizer, _family("gemma2"))  # refuses a system turn
-    monkeypatch.setitem(ray_prepare._TOKENIZERS, recipe.tokenizer_uri, gemma2)  # what each worker loads
+    monkeypatch.setattr(ray_prepare, "load_tokenizer", lambda uri: gemma2)  # what each actor loads
     with pytest.raises(TemplateError) as local:
         prepare_chat(gemma2, str(data), recipe, tmp_path / "local", "train")
     with pytest.raises(TemplateError) as on_ray:
-        ray_free(recipe, gemma2, str(data), tmp_path / "ray", "train", chunk_bytes=500)
+        ray_free(recipe, str(data), tmp_path / "ray", "train", chunk_bytes=500)
     assert f"{data} line 34: " in str(on_ray.value) and str(on_ray.value) == str(local.value)
 
 
@@ -117,9 +117,8 @@ def test_pairs_and_prompts_from_many_ranges_give_the_local_bytes(tmp_path: Path,
     recipe = row_recipe(tmp_path, data_format, max_seq_len=48 if data_format == "preference" else 40,
                         validation={"max_overlong_fraction": 1.0})
     manifest = prepare(recipe, tmp_path / "local")
-    tokenizer = load_tokenizer(recipe.tokenizer_uri)
     for split, uri in (("train", recipe.data.train), ("eval", recipe.data.eval)):
-        stats = ray_free(recipe, tokenizer, uri, tmp_path / "ray", split, chunk_bytes=2500)
+        stats = ray_free(recipe, uri, tmp_path / "ray", split, chunk_bytes=2500)
         assert json.dumps(stats) == json.dumps(manifest["splits"][split])
         assert stats["dropped_overlong"] + stats.get("truncated", 0) > 0
         assert len(stats["shards"]) > (2 if split == "train" else 1)
@@ -140,9 +139,9 @@ def test_a_refused_pair_or_prompt_is_named_by_its_line_in_the_file(tmp_path: Pat
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = row_recipe(tmp_path, data_format, train=str(data), eval=str(data))
     gemma2 = tokenizer_for(tokenizer, _family("gemma2"))  # refuses a system turn
-    monkeypatch.setitem(ray_prepare._TOKENIZERS, recipe.tokenizer_uri, gemma2)
+    monkeypatch.setattr(ray_prepare, "load_tokenizer", lambda uri: gemma2)
     with pytest.raises(TemplateError) as on_ray:
-        ray_free(recipe, gemma2, str(data), tmp_path / "ray", "train", chunk_bytes=800)
+        ray_free(recipe, str(data), tmp_path / "ray", "train", chunk_bytes=800)
     assert f"{data} line 48: " in str(on_ray.value) and "System role not supported" in str(on_ray.value)
 
 

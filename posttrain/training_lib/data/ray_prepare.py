@@ -4,17 +4,21 @@ output as the local one, byte for byte (manifest and shards), for every data for
 Each split, in three steps:
 1. plan: each JSONL file is cut into byte ranges that start at a line (the driver seeks; it reads
    no more than one line per cut);
-2. tokenize (Ray Data, one task per range, in parallel): the lines of a range go through the same
-   functions the local prepare uses: chat rows `BATCH_ROWS` at a time through
+2. tokenize (Ray Data, a pool of one actor per CPU, each loading the tokenizer once; one range per
+   call, in parallel): the lines of a range go through the same functions the local prepare uses:
+   chat rows `BATCH_ROWS` at a time through
    `ChatCounts.documents_batch` (chat template, masks, truncation; a batch that fails goes again
    row by row), preference and prompt rows through their format's `record`. A range returns its
    records (chat documents, pairs or prompts), their lengths and source lines, and its counts. A
    row the template refuses is returned as an error with its line, and the driver raises it for the
-   first such line of the file, as the local prepare does;
-3. write (one Ray task per output shard, in parallel; ray_shards.py): as the tokenized ranges
-   stream back in file order, the driver cuts their records into the same windows the local
-   prepare streams into shards (`window_full`, from the lengths alone) and submits each window's
-   write as soon as the window is complete: the task gathers it from the tokenized ranges (Arrow
+   first such line of the file, as the local prepare does. Each range carries the tokenizer's facts
+   (fingerprint, size, pad and eos ids) too: the driver never loads the tokenizer (seconds of
+   imports, serial, before the pool starts), it takes them from the first range (and checks a
+   distillation teacher's tokenizer against them before any shard is written);
+3. write (one call per output shard to a few writer actors, in parallel; ray_shards.py): as the
+   tokenized ranges stream back in file order, the driver cuts their records into the same windows
+   the local prepare streams into shards (`window_full`, from the lengths alone) and submits each
+   window's write as soon as the window is complete: the writer gathers it from the tokenized ranges (Arrow
    slices, no Python lists), packs it where the layout packs, and writes its Parquet shard straight
    to the workspace, file:// or s3://. With at most a few writes in flight, and Ray Data tokenizing
    ahead only as far as its backpressure allows, the object store holds a bounded part of the split
@@ -28,7 +32,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from itertools import pairwise
+from itertools import chain, pairwise
 from typing import Any
 
 import numpy as np
@@ -44,13 +48,14 @@ from posttrain.prep.prepare import (
     BATCH_ROWS,
     ChatCounts,
     check_overlong,
-    load_checked_tokenizer,
     manifest_for,
+    require_teacher_tokenizer,
     row_format,
     split_uris,
+    tokenizer_facts,
 )
 from posttrain.prep.shards import row_column_types
-from posttrain.prep.tokenizer import load_tokenizer
+from posttrain.prep.tokenizer import TokenizerMismatch, load_tokenizer
 from posttrain.recipe import Recipe
 from posttrain.storage_fs import Store
 from posttrain.training_lib.data.ray_shards import COUNTS, write_split
@@ -59,12 +64,14 @@ log = logging.getLogger(__name__)
 
 MIN_CHUNK_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 64 << 20
-_TOKENIZERS: dict[str, Any] = {}  # per worker process: a Ray worker runs many tokenize tasks
+RANGES_PER_CPU = 8
 
 
 def chunk_size(total_bytes: int, cpus: int) -> int:
-    """About four ranges per CPU (so a slow range doesn't hold the others up), within bounds."""
-    return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, -(-total_bytes // max(1, 4 * cpus))))
+    """About `RANGES_PER_CPU` ranges per CPU, within bounds: small enough that the last range to
+    finish leaves the other CPUs idle only briefly, and that a window's write starts early; large
+    enough that a range's fixed costs (a call, a block) stay small beside its tokenizing."""
+    return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, -(-total_bytes // max(1, RANGES_PER_CPU * cpus))))
 
 
 def plan_chunks(uri: str, chunk_bytes: int) -> list[dict[str, Any]]:
@@ -81,16 +88,6 @@ def plan_chunks(uri: str, chunk_bytes: int) -> list[dict[str, Any]]:
             bounds.append(fh.tell())
     bounds.append(size)
     return [{"index": i, "uri": uri, "start": a, "end": b} for i, (a, b) in enumerate(pairwise(bounds))]
-
-
-def _tokenizer(uri: str) -> Any:
-    # Ray reserves one CPU for a tokenize task; the fast tokenizer's own thread pool would otherwise
-    # spread each batch over every core of the node, beside the node's other tasks (as Ray caps
-    # OMP_NUM_THREADS for the same reason). A cluster that sets it keeps its own setting.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if uri not in _TOKENIZERS:
-        _TOKENIZERS[uri] = load_tokenizer(uri)
-    return _TOKENIZERS[uri]
 
 
 def _range_lines(chunk: dict[str, Any]) -> tuple[int, list[tuple[int, bytes]]]:
@@ -110,10 +107,9 @@ def _one_row(values: Any, item: Any) -> Any:
     return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
 
 
-def tokenize_chat_range(chunk: dict[str, Any], tokenizer_uri: str, data: dict[str, Any]) -> pa.Table:
+def tokenize_chat_range(chunk: dict[str, Any], tokenizer: Any, data: dict[str, Any]) -> pa.Table:
     """One byte range's chat documents and counts, as one table row (see the module)."""
     config = DataConfig.model_validate(data)
-    tokenizer = _tokenizer(tokenizer_uri)
     n_lines, rows = _range_lines(chunk)
     counts, docs, doc_lines = ChatCounts(), [], []
     error, error_line = "", -1
@@ -142,9 +138,8 @@ def tokenize_chat_range(chunk: dict[str, Any], tokenizer_uri: str, data: dict[st
                         assistant_mask=pa.ListArray.from_arrays(offsets, pa.array(trains, type=pa.bool_())))
 
 
-def tokenize_rows_range(chunk: dict[str, Any], tokenizer_uri: str, fmt: RowFormat) -> pa.Table:
+def tokenize_rows_range(chunk: dict[str, Any], tokenizer: Any, fmt: RowFormat) -> pa.Table:
     """One byte range's preference pairs or prompts and counts, as one table row (see the module)."""
-    tokenizer = _tokenizer(tokenizer_uri)
     fmt = fmt.fresh()
     n_lines, rows = _range_lines(chunk)
     columns: dict[str, list] = {name: [] for name in fmt.kinds}
@@ -178,22 +173,53 @@ def _range_table(chunk: dict[str, Any], n_lines: int, error: str, error_line: in
                      **{name: _one_row(values, None) for name, values in records.items()}})
 
 
-def tokenize_batch(batch: pa.Table, fn: Any, **kwargs: Any) -> pa.Table:
-    """Ray Data's batch: ranges (usually one) → their tokenized rows."""
-    return pa.concat_tables([fn(chunk, **kwargs) for chunk in batch.to_pylist()])
+class TokenizeRanges:
+    """Ray Data's callable class: one actor per CPU loads the tokenizer once (a task per range in
+    fresh worker processes would load it again and again: seconds of imports each time) and
+    tokenizes range after range with `fn`. Each tokenized range carries the tokenizer's facts."""
+
+    def __init__(self, fn: Any, tokenizer_uri: str, **kwargs: Any):
+        # The actor holds one CPU; the fast tokenizer's own thread pool would otherwise spread each
+        # batch over every core of the node, beside the other actors (as Ray caps OMP_NUM_THREADS
+        # for the same reason). A cluster that sets it keeps its own setting.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.fn, self.kwargs = fn, kwargs
+        self.tokenizer = load_tokenizer(tokenizer_uri)
+        self.facts = tokenizer_facts(self.tokenizer)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """A batch of ranges (usually one) → their tokenized rows."""
+        tables = [self.fn(chunk, self.tokenizer, **self.kwargs) for chunk in batch.to_pylist()]
+        table = pa.concat_tables(tables)
+        for name, value in self.facts.items():
+            table = table.append_column(f"tokenizer_{name}", pa.array([value] * len(table), pa.string()
+                                                                        if name == "fingerprint" else pa.int64()))
+        return table
 
 
-def tokenized_blocks(chunks: list[dict[str, Any]], fn: Any, **kwargs: Any) -> Iterator[tuple[Any, list[dict]]]:
+def facts_of(summary_row: dict) -> dict[str, Any]:
+    """The tokenizer's facts a tokenized range carries (TokenizeRanges)."""
+    return {name[len("tokenizer_"):]: value for name, value in summary_row.items() if name.startswith("tokenizer_")}
+
+
+def tokenized_blocks(chunks: list[dict[str, Any]], fn: Any, tokenizer_uri: str,
+                     **kwargs: Any) -> Iterator[tuple[Any, list[dict]]]:
     """The ranges tokenized by Ray Data, streamed: (block ref, its summary rows) as each block is
-    done, in file order. The records stay in the object store; the driver fetches the summaries
-    only. Ray Data tokenizes ahead of the consumer only as far as its backpressure lets it, so the
+    done, in file order. The records stay in the object store: the driver maps each block (zero
+    copy on its own node; one transfer from another node), reads its summary and lets it go. (A
+    summary task would be a Ray worker process started for it: the actors hold every CPU, and Ray
+    kills idle workers beyond one per CPU within a second, so each summary would pay a process
+    start and its imports.) Ray Data tokenizes ahead of the consumer only as far as its backpressure lets it, so the
     tokenized records held at once stay bounded however large the file."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # windows are cut in file order
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     tokenized = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
-                 .map_batches(tokenize_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"fn": fn, **kwargs}))
+                 .map_batches(TokenizeRanges, batch_size=1, batch_format="pyarrow", num_cpus=1,
+                              compute=ray.data.ActorPoolStrategy(size=min(cpus, len(chunks))),
+                              fn_constructor_kwargs={"fn": fn, "tokenizer_uri": tokenizer_uri, **kwargs}))
     for bundle in tokenized.iter_internal_ref_bundles():
         for ref in bundle.block_refs:
-            yield ref, ray.get(_summary.remote(ref))
+            yield ref, summary(ray.get(ref))
 
 
 def summary(table: pa.Table) -> list[dict]:
@@ -203,12 +229,12 @@ def summary(table: pa.Table) -> list[dict]:
     return table.select([*small, "doc_lens"]).to_pylist()
 
 
-_summary = ray.remote(num_cpus=0)(summary)
 
-
-def prepare_split_on_ray(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store, split: str,
-                         chunk_bytes: int | None = None) -> dict:
-    """One split, tokenized and written by Ray tasks (see the module); its manifest entry."""
+def prepare_split_on_ray(uri: str, recipe: Recipe, out_dir: Store, split: str, chunk_bytes: int | None = None,
+                         check_facts: Any = None) -> tuple[dict, dict]:
+    """One split, tokenized and written by Ray (see the module): its manifest entry and the
+    tokenizer's facts. `check_facts(facts)` runs once the first range is tokenized, before any
+    shard is written."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     source = Store.at(uri)
     chunks = plan_chunks(uri, chunk_bytes or chunk_size(source.fs.size(source.path), cpus))
@@ -217,7 +243,12 @@ def prepare_split_on_ray(tokenizer: Any, uri: str, recipe: Recipe, out_dir: Stor
     else:
         fn, kwargs = tokenize_rows_range, {"fmt": row_format(recipe)}
     blocks = tokenized_blocks(chunks, fn, tokenizer_uri=recipe.tokenizer_uri, **kwargs)
-    return write_split(blocks, tokenizer, uri, recipe, out_dir, split, len(chunks), limit=2 * cpus)
+    first = next(blocks)  # plan_chunks gives every file, even an empty one, a range
+    facts = facts_of(first[1][0])
+    if check_facts is not None:
+        check_facts(facts)
+    stats = write_split(chain([first], blocks), facts, uri, recipe, out_dir, split, len(chunks), limit=2 * cpus)
+    return stats, facts
 
 
 def run(recipe: Recipe, workspace_uri: str, chunk_bytes: int | None = None) -> dict:
@@ -226,12 +257,21 @@ def run(recipe: Recipe, workspace_uri: str, chunk_bytes: int | None = None) -> d
     if not ray.is_initialized():
         ray.init()  # the job's cluster (RAY_ADDRESS)
     ray.data.DataContext.get_current().enable_progress_bars = False  # a job log, not a terminal
-    tokenizer = load_checked_tokenizer(recipe)
     out_dir = Store.at(workspace_uri) / "data"
-    splits = {}
+    splits: dict[str, dict] = {}
+    facts: dict[str, Any] = {}
+
+    def check_facts(split_facts: dict[str, Any]) -> None:
+        if facts and split_facts != facts:  # every actor loads the same tokenizer: a changed one is a moved file
+            raise TokenizerMismatch(f"{recipe.tokenizer_uri}: the tokenizer changed while the splits were prepared "
+                                    f"({facts['fingerprint']} → {split_facts['fingerprint']})")
+        if not facts and recipe.kd is not None:  # refused here, before a model is trained on it
+            require_teacher_tokenizer(recipe, split_facts["fingerprint"])
+        facts.update(split_facts)
+
     for name, uri in split_uris(recipe).items():
-        stats = prepare_split_on_ray(tokenizer, uri, recipe, out_dir, name, chunk_bytes)
+        stats, _ = prepare_split_on_ray(uri, recipe, out_dir, name, chunk_bytes, check_facts)
         check_overlong(uri, stats, recipe.data)
         splits[name] = stats
-    (out_dir / "manifest.json").write_json(manifest_for(recipe, tokenizer, splits))
+    (out_dir / "manifest.json").write_json(manifest_for(recipe, facts, splits))
     return {name: {k: s[k] for k in ("rows", "tokens", "blocks") if k in s} for name, s in splits.items()}

@@ -1,6 +1,6 @@
 """Writing the Ray prepare's shards (see ray_prepare): the tokenized ranges, taken in file order,
 are cut into the windows the local prepare streams into shards, and each window is written by a
-Ray task as soon as it is complete. Never imports airflow."""
+writer actor as soon as it is complete. Never imports airflow."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 import ray
 
 from posttrain.prep.chat import TemplateError
-from posttrain.prep.prepare import ChatCounts, block_pad_id, chat_stats, row_format, streaming_layout
+from posttrain.prep.prepare import ChatCounts, chat_stats, row_format, streaming_layout
 from posttrain.prep.shards import window_full, write_chat_shard, write_row_shard
 from posttrain.recipe import Recipe
 from posttrain.storage_fs import Store
@@ -22,16 +22,18 @@ CHAT_COLUMNS = ("input_ids", "assistant_mask")
 
 
 class Writes:
-    """The split's shard writes: `write_window` as Ray tasks, at most `limit` in flight (the driver
-    stops taking ranges while they are, so tokenized ranges wait in the object store only as long as
-    their windows' writes), or, with `remote=False`, in this process (tests). `results()`: each
-    window's (name, blocks) in window order."""
+    """The split's shard writes: `write_window` on `limit` writer actors, one window each at a time
+    (the driver stops taking ranges while all are busy, so tokenized ranges wait in the object store
+    only as long as their windows' writes), or, with `remote=False`, in this process (tests).
+    `results()`: each window's (name, blocks) in window order; `close()` stops the writers."""
 
     def __init__(self, out_uri: str, split: str, layout: dict[str, Any], columns: tuple[str, ...], *,
                  remote: bool = True, limit: int = 4, **extra: Any):
-        self.args, self.extra, self.remote, self.limit = (out_uri, split), extra, remote, limit
+        self.args, self.extra, self.remote = (out_uri, split), extra, remote
         self.layout, self.columns = layout, columns
-        self.pending: dict[Any, int] = {}
+        self.writers = [ShardWriter.remote() for _ in range(limit)] if remote else []
+        self.idle = list(self.writers)
+        self.pending: dict[Any, tuple[int, Any]] = {}
         self.done: dict[int, tuple[str, int]] = {}
 
     def submit(self, index: int, pieces: list[tuple[int, int, int]], first_lines: list[int], table_rows: list[int],
@@ -40,19 +42,27 @@ class Writes:
         if not self.remote:
             self.done[index] = write_window(*args, **self.extra)
             return
-        self.pending[_write_window.remote(*args, **self.extra)] = index
-        while len(self.pending) > self.limit:
-            self._wait(len(self.pending) - self.limit)
+        if not self.idle:
+            self._wait(1)
+        writer = self.idle.pop()
+        self.pending[writer.write.remote(*args, **self.extra)] = (index, writer)
 
     def _wait(self, n: int) -> None:
         ready, _ = ray.wait(list(self.pending), num_returns=n)
         for ref, result in zip(ready, ray.get(ready), strict=True):
-            self.done[self.pending.pop(ref)] = result
+            index, writer = self.pending.pop(ref)
+            self.done[index] = result
+            self.idle.append(writer)
 
     def results(self) -> list[tuple[str, int]]:
         if self.pending:
             self._wait(len(self.pending))
         return [self.done[i] for i in sorted(self.done)]
+
+    def close(self) -> None:
+        for writer in self.writers:
+            ray.kill(writer)
+        self.writers = self.idle = []
 
 
 class ShardWindows:
@@ -111,30 +121,34 @@ class ShardWindows:
         return self.summaries
 
 
-def chat_layout(tokenizer: Any, recipe: Recipe, split: str) -> dict[str, Any]:
+def chat_layout(pad_id: int, recipe: Recipe, split: str) -> dict[str, Any]:
     return {"documents": streaming_layout(recipe, split), "max_len": recipe.data.max_seq_len,
-            "pad_id": block_pad_id(tokenizer), "packing": recipe.data.packing.enabled}
+            "pad_id": pad_id, "packing": recipe.data.packing.enabled}
 
 
 ROWS_LAYOUT = {"documents": True, "max_len": 0, "pad_id": 0, "packing": False}  # windows of records, by count
 
 
-def write_split(blocks: Iterable[tuple[Any, list[dict]]], tokenizer: Any, uri: str, recipe: Recipe, out_dir: Store,
-                split: str, n_ranges: int, remote: bool = True, limit: int = 4) -> dict:
+def write_split(blocks: Iterable[tuple[Any, list[dict]]], facts: dict[str, Any], uri: str, recipe: Recipe,
+                out_dir: Store, split: str, n_ranges: int, remote: bool = True, limit: int = 4) -> dict:
     """From the tokenized ranges (`blocks`: each a table, or its Ray object ref, and its `summary`
-    rows, in file order) to the written shards and the split's manifest entry."""
+    rows, in file order) to the written shards and the split's manifest entry. `facts`: the
+    tokenizer's (prepare.tokenizer_facts)."""
     if recipe.data.format == "chat":
-        layout, columns, extra, fmt = chat_layout(tokenizer, recipe, split), CHAT_COLUMNS, {}, None
+        layout, columns, extra, fmt = chat_layout(facts["block_pad_id"], recipe, split), CHAT_COLUMNS, {}, None
     else:
         fmt = row_format(recipe)
         layout, columns = ROWS_LAYOUT, tuple(fmt.kinds)
         extra = {"kinds": fmt.kinds, "prefix": f"{split}-{fmt.suffix}"}
     writes = Writes(out_dir.uri, split, layout, columns, remote=remote, limit=limit, **extra)
-    windows = ShardWindows(uri, layout, writes.submit)
-    for table, rows in blocks:
-        for row_no, summary_row in enumerate(rows):
-            windows.add(summary_row, table, row_no)
-    summaries, written = windows.close(n_ranges), writes.results()
+    try:
+        windows = ShardWindows(uri, layout, writes.submit)
+        for table, rows in blocks:
+            for row_no, summary_row in enumerate(rows):
+                windows.add(summary_row, table, row_no)
+        summaries, written = windows.close(n_ranges), writes.results()
+    finally:
+        writes.close()
     names, records = [name for name, _ in written], sum(s["n_records"] for s in summaries)
     if fmt is not None:
         fmt = fmt.fresh()
@@ -186,6 +200,14 @@ def write_window(out_uri: str, split: str, index: int, layout: dict[str, Any], p
                             **layout)
 
 
-# A summary is a few columns of a block: it needs no CPU of its own, and waiting for one behind the
-# tokenize tasks would hold up the writes the driver submits as the summaries come in.
-_write_window = ray.remote(write_window)
+# The tokenize actors hold every CPU of the cluster for the whole split: a write asking for a CPU
+# would wait for the last range to be tokenized, and the tokenized ranges with it in the object
+# store. A write is a small part of a range's work (gather, pack, Parquet) and at most `Writes.limit`
+# run at once, so it takes no CPU of its own and borrows a little beside the actors. Actors, not
+# tasks: Ray kills idle workers beyond one per CPU within a second, so each write task would start
+# a worker process (a second of imports each). SPREAD puts the writers of a multi-node cluster on
+# every node, not all on the driver's.
+@ray.remote(num_cpus=0, scheduling_strategy="SPREAD")
+class ShardWriter:
+    def write(self, *args: Any, **kwargs: Any) -> tuple[str, int]:
+        return write_window(*args, **kwargs)

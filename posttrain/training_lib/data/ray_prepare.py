@@ -18,9 +18,9 @@ Each split, in three steps:
 3. write (one call per output shard to a few writer actors, in parallel; ray_shards.py): as the
    tokenized ranges stream back in file order, the driver cuts their records into the same windows
    the local prepare streams into shards (`window_full`, from the lengths alone) and submits each
-   window's write as soon as the window is complete: the writer gathers it from the tokenized ranges (Arrow
-   slices, no Python lists), packs it where the layout packs, and writes its Parquet shard straight
-   to the workspace, file:// or s3://. With at most a few writes in flight, and Ray Data tokenizing
+   window's write as soon as the window is complete: the writer gathers it from the tokenized
+   ranges (Arrow slices, no Python lists), packs it where the layout packs, and writes its Parquet
+   shard straight to the workspace, file:// or s3://. With at most a few writes in flight, and Ray Data tokenizing
    ahead only as far as its backpressure allows, the object store holds a bounded part of the split
    at any time, not the whole split.
 The manifest is written last, by the driver. Never imports airflow.
@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain, pairwise
 from typing import Any
 
@@ -202,17 +202,17 @@ def facts_of(summary_row: dict) -> dict[str, Any]:
     return {name[len("tokenizer_"):]: value for name, value in summary_row.items() if name.startswith("tokenizer_")}
 
 
-def tokenized_blocks(chunks: list[dict[str, Any]], fn: Any, tokenizer_uri: str,
+def tokenized_blocks(chunks: list[dict[str, Any]], cpus: int, fn: Any, tokenizer_uri: str,
                      **kwargs: Any) -> Iterator[tuple[Any, list[dict]]]:
     """The ranges tokenized by Ray Data, streamed: (block ref, its summary rows) as each block is
     done, in file order. The records stay in the object store: the driver maps each block (zero
     copy on its own node; one transfer from another node), reads its summary and lets it go. (A
     summary task would be a Ray worker process started for it: the actors hold every CPU, and Ray
     kills idle workers beyond one per CPU within a second, so each summary would pay a process
-    start and its imports.) Ray Data tokenizes ahead of the consumer only as far as its backpressure lets it, so the
-    tokenized records held at once stay bounded however large the file."""
+    start and its imports.) Ray Data tokenizes ahead of the consumer only as far as its
+    backpressure lets it, so the tokenized records held at once stay bounded however large the
+    file. `cpus`: the tokenize actors, one CPU each."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # windows are cut in file order
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     tokenized = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
                  .map_batches(TokenizeRanges, batch_size=1, batch_format="pyarrow", num_cpus=1,
                               compute=ray.data.ActorPoolStrategy(size=min(cpus, len(chunks))),
@@ -229,26 +229,23 @@ def summary(table: pa.Table) -> list[dict]:
     return table.select([*small, "doc_lens"]).to_pylist()
 
 
-
-def prepare_split_on_ray(uri: str, recipe: Recipe, out_dir: Store, split: str, chunk_bytes: int | None = None,
-                         check_facts: Any = None) -> tuple[dict, dict]:
-    """One split, tokenized and written by Ray (see the module): its manifest entry and the
-    tokenizer's facts. `check_facts(facts)` runs once the first range is tokenized, before any
-    shard is written."""
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+def prepare_split_on_ray(uri: str, recipe: Recipe, out_dir: Store, split: str, chunk_bytes: int | None,
+                         check_facts: Callable[[dict[str, Any]], None]) -> dict:
+    """One split, tokenized and written by Ray (see the module); its manifest entry.
+    `check_facts(tokenizer facts)` runs once the first range is tokenized, before any shard is
+    written."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))  # a writer and a tokenize actor at least
     source = Store.at(uri)
     chunks = plan_chunks(uri, chunk_bytes or chunk_size(source.fs.size(source.path), cpus))
     if recipe.data.format == "chat":
         fn, kwargs = tokenize_chat_range, {"data": recipe.data.model_dump()}
     else:
         fn, kwargs = tokenize_rows_range, {"fmt": row_format(recipe)}
-    blocks = tokenized_blocks(chunks, fn, tokenizer_uri=recipe.tokenizer_uri, **kwargs)
+    blocks = tokenized_blocks(chunks, cpus, fn, tokenizer_uri=recipe.tokenizer_uri, **kwargs)
     first = next(blocks)  # plan_chunks gives every file, even an empty one, a range
     facts = facts_of(first[1][0])
-    if check_facts is not None:
-        check_facts(facts)
-    stats = write_split(chain([first], blocks), facts, uri, recipe, out_dir, split, len(chunks), limit=2 * cpus)
-    return stats, facts
+    check_facts(facts)
+    return write_split(chain([first], blocks), facts, uri, recipe, out_dir, split, len(chunks), limit=2 * cpus)
 
 
 def run(recipe: Recipe, workspace_uri: str, chunk_bytes: int | None = None) -> dict:
@@ -262,7 +259,7 @@ def run(recipe: Recipe, workspace_uri: str, chunk_bytes: int | None = None) -> d
     facts: dict[str, Any] = {}
 
     def check_facts(split_facts: dict[str, Any]) -> None:
-        if facts and split_facts != facts:  # every actor loads the same tokenizer: a changed one is a moved file
+        if facts and split_facts != facts:  # the tokenizer's files were replaced between the splits
             raise TokenizerMismatch(f"{recipe.tokenizer_uri}: the tokenizer changed while the splits were prepared "
                                     f"({facts['fingerprint']} → {split_facts['fingerprint']})")
         if not facts and recipe.kd is not None:  # refused here, before a model is trained on it
@@ -270,7 +267,7 @@ def run(recipe: Recipe, workspace_uri: str, chunk_bytes: int | None = None) -> d
         facts.update(split_facts)
 
     for name, uri in split_uris(recipe).items():
-        stats, _ = prepare_split_on_ray(uri, recipe, out_dir, name, chunk_bytes, check_facts)
+        stats = prepare_split_on_ray(uri, recipe, out_dir, name, chunk_bytes, check_facts)
         check_overlong(uri, stats, recipe.data)
         splits[name] = stats
     (out_dir / "manifest.json").write_json(manifest_for(recipe, facts, splits))

@@ -202,8 +202,8 @@ def write_window(out_uri: str, split: str, index: int, layout: dict[str, Any], p
 
 # The tokenize actors hold every CPU of the cluster for the whole split: a write asking for a CPU
 # would wait for the last range to be tokenized, and the tokenized ranges with it in the object
-# store. A write is a small part of a range's work (gather, pack, Parquet) and at most `Writes.limit`
-# run at once, so it takes no CPU of its own and borrows a little beside the actors. Actors, not
+# store. A write is a small part of a range's work (gather, pack, Parquet) and at most `limit` run
+# at once (Writes), so it takes no CPU of its own and borrows a little beside the actors. Actors, not
 # tasks: Ray kills idle workers beyond one per CPU within a second, so each write task would start
 # a worker process (a second of imports each). SPREAD puts the writers of a multi-node cluster on
 # every node, not all on the driver's.
